@@ -1,0 +1,1 @@
+"""QuerySeg's shared library: matcher, losses, criterion, ops, data and config."""

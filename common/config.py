@@ -1,0 +1,58 @@
+"""Config keys shared by every QuerySeg method.
+
+``add_common_config`` is the only writer of shared keys (solver, input, mapper, evaluation and the
+built-in ``shapes`` dataset). Project packages add only their own ``MODEL.<P>.*`` namespace.
+"""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_common_config(cfg: CN) -> None:
+    """Add QuerySeg's shared keys to a Detectron2 config, in place. Safe to call twice."""
+    if hasattr(cfg, "QUERYSEG_COMMON"):
+        return
+    cfg.QUERYSEG_COMMON = True  # marker: common keys present
+
+    # ---- data pipeline -------------------------------------------------------------------
+    # Name of the training dataset mapper in common.data.MAPPER_REGISTRY:
+    # "instance" | "panoptic" | "semantic" | "detectron2" (Detectron2's own DatasetMapper).
+    cfg.INPUT.DATASET_MAPPER_NAME = "instance"
+    # Large-scale jitter (Copy-Paste/LSJ style): resize to IMAGE_SIZE * U(MIN_SCALE, MAX_SCALE),
+    # then crop/pad to IMAGE_SIZE. Replaces the ResizeShortestEdge + crop chain when enabled.
+    cfg.INPUT.LSJ = CN()
+    cfg.INPUT.LSJ.ENABLED = False
+    cfg.INPUT.LSJ.IMAGE_SIZE = 1024
+    cfg.INPUT.LSJ.MIN_SCALE = 0.1
+    cfg.INPUT.LSJ.MAX_SCALE = 2.0
+    # DETR-style crop augmentation: with probability PROB, resize the short side to one of
+    # SHORT_EDGES, crop with INPUT.CROP, then apply the normal multi-scale resize (QueryInst 3x,
+    # FastInst). When PROB is 0 the plain INPUT.CROP setting applies.
+    cfg.INPUT.DETR_CROP = CN()
+    cfg.INPUT.DETR_CROP.PROB = 0.0
+    cfg.INPUT.DETR_CROP.SHORT_EDGES = (400, 500, 600)
+    # Colour augmentation (photometric distortion, as mmseg's ADE20K pipelines use).
+    cfg.INPUT.COLOR_AUG_SSD = False
+    # Pad images to a multiple of this inside the mapper (semantic/LSJ) or in the model.
+    cfg.INPUT.SIZE_DIVISIBILITY = -1
+    # Drop instances smaller than this many pixels after augmentation.
+    cfg.INPUT.MIN_INSTANCE_AREA = 1
+
+    # ---- evaluation ----------------------------------------------------------------------
+    # What the model outputs, used by the evaluator factory (common.data.evaluation):
+    # any of "segm", "bbox", "panoptic_seg", "sem_seg".
+    cfg.TEST.EVAL_TASKS = ("segm", "bbox")
+
+    # ---- solver --------------------------------------------------------------------------
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" | "SGD"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # LR multiplier for parameters under model.backbone
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay of nn.Embedding weights and query tables
+    cfg.SOLVER.BETAS = (0.9, 0.999)  # AdamW betas
+    # Parameter names (substring match) that get no weight decay, e.g. positional tables.
+    cfg.SOLVER.NO_DECAY_KEYWORDS = ()
+
+    # ---- the built-in synthetic dataset ------------------------------------------------
+    cfg.DATASETS.SHAPES = CN()
+    cfg.DATASETS.SHAPES.IMAGE_SIZE = 128  # square images, pixels
+    cfg.DATASETS.SHAPES.NUM_TRAIN = 600
+    cfg.DATASETS.SHAPES.NUM_VAL = 100
+    cfg.DATASETS.SHAPES.SEED = 0

@@ -1,0 +1,58 @@
+"""Shared body of the learning tests: train a config briefly on `shapes`, evaluate it through the
+real evaluators, and return the loss curve and the metrics.
+
+Used by ``tests/**/test_*_learning.py``. The run happens in-process with ``common.engine.Trainer``
+(exactly what ``train_net.py`` runs), writing to a temporary OUTPUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from detectron2.utils.events import EventStorage  # noqa: F401  (re-exported for tests)
+
+from common.engine import Trainer, get_cfg, merge_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_and_evaluate(
+    config_file: str, overrides: list[str], output_dir: str, threads: int | None = None
+) -> tuple[list[float], dict]:
+    """Train ``config_file`` (repo-relative) with ``overrides`` and evaluate on its test set.
+
+    Returns:
+        (total_loss per logged iteration, the evaluation results dict, e.g. {"segm": {"AP": ..}}).
+    """
+    from common.data.shapes import configure_shapes_from_cfg
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = get_cfg()
+    merge_config(
+        cfg,
+        os.path.join(REPO, config_file),
+        [*overrides, "OUTPUT_DIR", output_dir, "MODEL.DEVICE", "cpu", "TEST.EVAL_PERIOD", "0"],
+    )
+    cfg.freeze()
+    configure_shapes_from_cfg(cfg, generate=True)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    losses = []
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "total_loss" in rec:
+                losses.append(rec["total_loss"])
+    results = Trainer.test(cfg, trainer.model)
+    return losses, results
+
+
+def loss_fell(losses: list[float], factor: float = 0.7) -> bool:
+    """True when the mean of the last quarter is below ``factor`` x the mean of the first quarter."""
+    q = max(len(losses) // 4, 1)
+    first, last = sum(losses[:q]) / q, sum(losses[-q:]) / q
+    return last < factor * first

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Train and evaluate any QuerySeg model (K-Net, QueryInst, FastInst, EmbedMask) or a Detectron2
+baseline, with Detectron2's usual command line:
+
+    python train_net.py --config-file projects/knet/configs/<leaf>.yaml --num-gpus 8 [KEY VALUE ...]
+    python train_net.py --config-file <yaml> --eval-only MODEL.WEIGHTS <checkpoint.pth>
+
+Runs on the CPU when no GPU is present (``--num-gpus 2`` then starts 2 processes over gloo).
+"""
+
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from common.engine import Trainer, get_cfg, merge_config
+
+logger = logging.getLogger("queryseg")
+
+
+def setup(args):
+    """Build the frozen config from ``--config-file`` and the trailing overrides."""
+    cfg = get_cfg()
+    merge_config(cfg, args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    from common.data.shapes import configure_shapes_from_cfg
+
+    # (Re)register the built-in `shapes` dataset with the configured size, generating it on rank 0
+    # first so that several processes never write the same files.
+    if comm.is_main_process():
+        configure_shapes_from_cfg(cfg, generate=_uses_shapes(cfg))
+    comm.synchronize()
+    if not comm.is_main_process():
+        configure_shapes_from_cfg(cfg, generate=False)
+    return cfg
+
+
+def _uses_shapes(cfg) -> bool:
+    return any(n.startswith("shapes") for n in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST))
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    if args.num_gpus > 1 and not torch.cuda.is_available():
+        logger.info("no CUDA: running %d CPU processes over gloo", args.num_gpus)
+    if args.num_gpus > max(torch.cuda.device_count(), 1) and torch.cuda.is_available():
+        raise SystemExit(
+            f"--num-gpus {args.num_gpus} but only {torch.cuda.device_count()} GPUs are visible"
+        )
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_gpus)))
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,315 @@
+"""Pluggable matching cost terms for :class:`common.matcher.HungarianMatcher`.
+
+A cost term maps one image's detached fp32 predictions and its targets to a [Q, G] cost matrix
+(lower = better match). Terms are registered by name in :data:`COST_TERMS` so configs can name
+them; :func:`build_cost_term` instantiates one. Method-specific terms can be added with
+``@register_cost_term("name")``.
+
+Per-image prediction dict (from the matcher; Q rows):
+    ``pred_logits`` [Q, K], ``pred_masks`` [Q, h, w] logits, ``pred_boxes`` [Q, 4] absolute xyxy,
+    ``pred_locations`` [Q, 2] normalised (x, y), ``proposal_size`` (H, W) for dense proposal rows.
+Per-image target dict: ``labels`` [G] long, ``masks`` [G, H, W], ``boxes`` [G, 4] absolute xyxy,
+``image_size`` (h, w) of the unpadded image.
+
+Terms sharing work (resized targets, shared random points) use the per-image ``cache`` dict that
+the matcher passes to every term of one image.
+"""
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from common.losses import normalize_boxes, pairwise_generalized_box_iou
+from common.point_sampling import sample_channels_at_points, uniform_point_coords
+
+__all__ = [
+    "COST_TERMS",
+    "CostTerm",
+    "register_cost_term",
+    "build_cost_term",
+    "FocalClassCost",
+    "SoftmaxClassCost",
+    "MaskAgreementCost",
+    "MaskBCECost",
+    "SquaredDiceCost",
+    "DiceCost",
+    "PointBCECost",
+    "PointDiceCost",
+    "BoxL1Cost",
+    "GIoUCost",
+    "LocationCost",
+    "ProposalLocationCost",
+    "resize_masks",
+]
+
+COST_TERMS: dict[str, type["CostTerm"]] = {}
+
+
+def register_cost_term(name: str):
+    """Class decorator: register a :class:`CostTerm` subclass under ``name``."""
+
+    def deco(cls: type["CostTerm"]) -> type["CostTerm"]:
+        if name in COST_TERMS and COST_TERMS[name] is not cls:
+            raise KeyError(f"cost term {name!r} is already registered by {COST_TERMS[name]}")
+        cls.name = name
+        COST_TERMS[name] = cls
+        return cls
+
+    return deco
+
+
+def build_cost_term(name: str, **kwargs: Any) -> "CostTerm":
+    """Instantiate the cost term registered as ``name`` with ``kwargs``."""
+    if name not in COST_TERMS:
+        raise KeyError(f"unknown cost term {name!r}; registered: {sorted(COST_TERMS)}")
+    return COST_TERMS[name](**kwargs)
+
+
+class CostTerm:
+    """Base class: ``term(pred, target, cache) -> [Q, G]`` cost (unweighted)."""
+
+    name: str = "cost"
+    #: prediction keys the term reads (checked by the matcher, with a clear error)
+    required_keys: tuple[str, ...] = ()
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in vars(self).items())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinearly resize masks (``align_corners=False``, no antialiasing: mmcv/cv2 INTER_LINEAR).
+
+    Args:
+        masks: [G, H, W] (any dtype; converted to float32).
+        size: target (h, w).
+
+    Returns:
+        [G, h, w] float32 (soft values; not re-binarised, as K-Net's targets).
+    """
+    masks = masks.float()
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *size))
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    return F.interpolate(masks[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _dense_pair(pred: dict[str, Any], target: dict[str, Any], cache: dict) -> tuple[Tensor, Tensor]:
+    """[Q, h*w] mask logits and [G, h*w] targets resized to the prediction size (cached)."""
+    logits = pred["pred_masks"]
+    size = tuple(logits.shape[-2:])
+    key = ("dense_targets", size)
+    if key not in cache:
+        cache[key] = resize_masks(target["masks"], size).flatten(1)
+    return logits.flatten(1), cache[key]
+
+
+def _point_pair(
+    pred: dict[str, Any], target: dict[str, Any], cache: dict, num_points: int
+) -> tuple[Tensor, Tensor]:
+    """[Q, P] mask logits and [G, P] targets at P shared uniform random points (cached)."""
+    key = ("points", num_points)
+    if key not in cache:
+        logits = pred["pred_masks"]
+        coords = uniform_point_coords(num_points, logits.device)
+        cache[key] = (
+            sample_channels_at_points(logits, coords),
+            sample_channels_at_points(target["masks"].to(logits.device), coords),
+        )
+    return cache[key]
+
+
+def _bce_cost(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean BCE over the columns for every (prediction, target) pair: [Q, P] x [G, P] -> [Q, G]."""
+    num = max(logits.shape[1], 1)
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    return (pos @ targets.T + neg @ (1 - targets).T) / num
+
+
+@register_cost_term("focal_class")
+class FocalClassCost(CostTerm):
+    """mmdet ``FocalLossCost`` (K-Net, QueryInst): focal(pos) - focal(neg) at the GT class.
+
+    ``p = sigmoid(logit)``; cost = ``-alpha (1-p)^gamma log(p+eps) + (1-alpha) p^gamma
+    log(1-p+eps)``. Needs ``pred_logits`` [Q, C] (sigmoid heads, no background column).
+    """
+
+    required_keys = ("pred_logits",)
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, eps: float = 1e-12):
+        self.alpha, self.gamma, self.eps = alpha, gamma, eps
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        prob = pred["pred_logits"].sigmoid()[:, target["labels"]]
+        neg = -(1 - prob + self.eps).log() * (1 - self.alpha) * prob.pow(self.gamma)
+        pos = -(prob + self.eps).log() * self.alpha * (1 - prob).pow(self.gamma)
+        return pos - neg
+
+
+@register_cost_term("softmax_class")
+class SoftmaxClassCost(CostTerm):
+    """DETR/Mask2Former/FastInst class cost: minus the softmax probability of the GT class.
+    Needs ``pred_logits`` [Q, C+1] (softmax over all columns, no-object included)."""
+
+    required_keys = ("pred_logits",)
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        return -pred["pred_logits"].softmax(-1)[:, target["labels"]]
+
+
+@register_cost_term("mask_agreement")
+class MaskAgreementCost(CostTerm):
+    """K-Net ``MaskCost`` (pred_act): ``-(sum p t + sum (1-p)(1-t)) / (h w)`` with p = sigmoid;
+    targets bilinearly resized to the prediction size."""
+
+    required_keys = ("pred_masks",)
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        logits, tgt = _dense_pair(pred, target, cache)
+        prob = logits.sigmoid()
+        num = max(prob.shape[1], 1)
+        return -(prob @ tgt.T + (1 - prob) @ (1 - tgt).T) / num
+
+
+@register_cost_term("mask_bce")
+class MaskBCECost(CostTerm):
+    """Dense sigmoid BCE averaged over all pixels (targets resized to the prediction size)."""
+
+    required_keys = ("pred_masks",)
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        return _bce_cost(*_dense_pair(pred, target, cache))
+
+
+@register_cost_term("dice_sq")
+class SquaredDiceCost(CostTerm):
+    """K-Net ``DiceCost``: ``-2 sum(p t) / (sum p^2 + eps + sum t^2 + eps)``, eps 1e-3, p = sigmoid.
+
+    (K-Net omits the constant 1 of ``1 - dice``; the assignment is the same.)
+    """
+
+    required_keys = ("pred_masks",)
+
+    def __init__(self, eps: float = 1e-3):
+        self.eps = eps
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        logits, tgt = _dense_pair(pred, target, cache)
+        prob = logits.sigmoid()
+        den = (prob * prob).sum(1)[:, None] + self.eps + (tgt * tgt).sum(1)[None, :] + self.eps
+        return -2 * (prob @ tgt.T) / den
+
+
+def _plain_dice_cost(logits: Tensor, tgt: Tensor, eps: float) -> Tensor:
+    prob = logits.sigmoid()
+    den = prob.sum(1)[:, None] + tgt.sum(1)[None, :]
+    return 1 - (2 * (prob @ tgt.T) + eps) / (den + eps)
+
+
+@register_cost_term("dice")
+class DiceCost(CostTerm):
+    """Plain dense dice (Mask2Former): ``1 - (2 sum(p t) + eps) / (sum p + sum t + eps)``, eps 1."""
+
+    required_keys = ("pred_masks",)
+
+    def __init__(self, eps: float = 1.0):
+        self.eps = eps
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        return _plain_dice_cost(*_dense_pair(pred, target, cache), self.eps)
+
+
+@register_cost_term("point_bce")
+class PointBCECost(CostTerm):
+    """Mask2Former/FastInst mask cost: sigmoid BCE averaged over ``num_points`` uniform random
+    points shared by all predictions and targets of the image (GT at full resolution)."""
+
+    required_keys = ("pred_masks",)
+
+    def __init__(self, num_points: int = 12544):
+        self.num_points = num_points
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        return _bce_cost(*_point_pair(pred, target, cache, self.num_points))
+
+
+@register_cost_term("point_dice")
+class PointDiceCost(CostTerm):
+    """Mask2Former/FastInst dice cost (plain, +1 smoothing) on the shared random points."""
+
+    required_keys = ("pred_masks",)
+
+    def __init__(self, num_points: int = 12544, eps: float = 1.0):
+        self.num_points, self.eps = num_points, eps
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        return _plain_dice_cost(*_point_pair(pred, target, cache, self.num_points), self.eps)
+
+
+@register_cost_term("box_l1")
+class BoxL1Cost(CostTerm):
+    """mmdet ``BBoxL1Cost`` (QueryInst): L1 distance of xyxy boxes normalised by the unpadded
+    image's (w, h, w, h) (``target["image_size"]``)."""
+
+    required_keys = ("pred_boxes",)
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        if "image_size" not in target:
+            raise KeyError("cost 'box_l1' needs target['image_size'] = (h, w)")
+        size = target["image_size"]
+        out = normalize_boxes(pred["pred_boxes"], size)
+        tgt = normalize_boxes(target["boxes"].to(out), size)
+        return torch.cdist(out, tgt, p=1)
+
+
+@register_cost_term("giou")
+class GIoUCost(CostTerm):
+    """mmdet ``IoUCost(iou_mode='giou')``: minus the pairwise GIoU of absolute xyxy boxes."""
+
+    required_keys = ("pred_boxes",)
+
+    def __init__(self, eps: float = 1e-6):
+        self.eps = eps
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        boxes = pred["pred_boxes"]
+        return -pairwise_generalized_box_iou(boxes, target["boxes"].to(boxes), eps=self.eps)
+
+
+@register_cost_term("location")
+class LocationCost(CostTerm):
+    """FastInst location cost: -1 where the GT mask, bilinearly point-sampled at the query's
+    normalised (x, y) selection location (``pred_locations``), is > 0; else 0 (weight 1000)."""
+
+    required_keys = ("pred_locations",)
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        loc = pred["pred_locations"]
+        inside = sample_channels_at_points(target["masks"].to(loc.device), loc) > 0  # [G, Q]
+        return -inside.T.to(loc.dtype)
+
+
+@register_cost_term("proposal_location")
+class ProposalLocationCost(CostTerm):
+    """FastInst proposal-map location cost: rows are the H*W pixels of a proposal map
+    (``pred["proposal_size"] = (H, W)``, row-major); -1 where the GT mask adaptive-avg-pooled to
+    H x W is > 0. Build the prediction dict with :func:`common.matcher.proposal_match_outputs`."""
+
+    required_keys = ("proposal_size",)
+
+    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
+        size = tuple(int(s) for s in pred["proposal_size"])
+        masks = target["masks"].float()
+        if masks.shape[0] == 0:
+            return masks.new_zeros((size[0] * size[1], 0))
+        pooled = F.adaptive_avg_pool2d(masks[None], size)[0]
+        return -(pooled.flatten(1) > 0).T.float()

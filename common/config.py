@@ -30,6 +30,9 @@ def add_common_config(cfg: CN) -> None:
     cfg.INPUT.DETR_CROP = CN()
     cfg.INPUT.DETR_CROP.PROB = 0.0
     cfg.INPUT.DETR_CROP.SHORT_EDGES = (400, 500, 600)
+    # Semantic crops: re-draw a crop (up to 10 times) while one category covers more than this
+    # fraction of it (mmseg's cat_max_ratio; 1.0 disables the constraint).
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # Colour augmentation (photometric distortion, as mmseg's ADE20K pipelines use).
     cfg.INPUT.COLOR_AUG_SSD = False
     # Pad images to a multiple of this inside the mapper (semantic/LSJ) or in the model.

@@ -64,9 +64,11 @@ def _all_keys(cfg: CfgNode, prefix: str = "") -> list[str]:
     return keys
 
 
-def _explain_key_error(cfg: CfgNode, err: KeyError, source: str) -> KeyError:
+def _explain_key_error(cfg: CfgNode, err: Exception, source: str) -> KeyError:
     msg = str(err.args[0]) if err.args else str(err)
-    bad = msg.split(":")[-1].strip().strip("'\"") if "Non-existent" in msg else msg
+    if "Non-existent" not in msg:
+        return err if isinstance(err, KeyError) else KeyError(f"{source}: {msg}")
+    bad = msg.split(":")[-1].strip().strip("'\"")
     close = difflib.get_close_matches(bad, _all_keys(cfg), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]}?" if close else ""
     return KeyError(f"{source}: unknown config key {bad}{hint}")
@@ -122,9 +124,11 @@ def merge_config(cfg: CfgNode, config_file: str | None, opts: list[str] | None) 
         except KeyError as e:
             raise _explain_key_error(cfg, e, config_file) from None
     if opts:
+        if len(opts) % 2:
+            raise ValueError(f"overrides must be KEY VALUE pairs, got an odd list: {opts}")
         try:
             cfg.merge_from_list(list(opts))
-        except KeyError as e:
+        except (KeyError, AssertionError) as e:
             raise _explain_key_error(cfg, e, "command-line override") from None
     if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
         logger.warning("SOLVER.AMP.ENABLED is set but CUDA is absent: training in fp32 on the CPU")

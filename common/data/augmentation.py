@@ -14,7 +14,7 @@ from detectron2.data import transforms as T
 def _crop_aug(cfg: CfgNode) -> T.Augmentation:
     if cfg.INPUT.CROP.TYPE == "absolute_range" and list(cfg.INPUT.CROP.SIZE)[0] > 0:
         return T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE)
-    if getattr(cfg.INPUT.CROP, "SINGLE_CATEGORY_MAX_AREA", 1.0) < 1.0:
+    if cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA < 1.0:
         return T.RandomCrop_CategoryAreaConstraint(
             cfg.INPUT.CROP.TYPE,
             cfg.INPUT.CROP.SIZE,

@@ -52,7 +52,7 @@ def train_and_evaluate(
 
 
 def loss_fell(losses: list[float], factor: float = 0.7) -> bool:
-    """True when the mean of the last quarter is below ``factor`` x the mean of the first quarter."""
+    """True when the mean of the last quarter is below ``factor`` x that of the first quarter."""
     q = max(len(losses) // 4, 1)
     first, last = sum(losses[:q]) / q, sum(losses[-q:]) / q
     return last < factor * first

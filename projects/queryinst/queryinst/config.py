@@ -1,0 +1,59 @@
+"""QueryInst's config keys (``MODEL.QUERYINST.*``); defaults are the paper's R50-FPN 1x model."""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_queryinst_config(cfg: CN) -> None:
+    """Add ``MODEL.QUERYINST`` to ``cfg`` in place (safe to call twice)."""
+    if hasattr(cfg.MODEL, "QUERYINST"):
+        return
+    cfg.MODEL.QUERYINST = CN()
+    q = cfg.MODEL.QUERYINST
+    # Number of thing classes K (sigmoid classifier, no background logit).
+    q.NUM_CLASSES = 80
+    # Number of learned proposal boxes / proposal features (queries): 100 or 300.
+    q.NUM_PROPOSALS = 100
+    # Number of cascaded stages (DIIHead + dynamic mask head each).
+    q.NUM_STAGES = 6
+    # FPN levels read by the RoI poolers.
+    q.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    # Attention heads of the query self-attention.
+    q.NUM_HEADS = 8
+    # Hidden width of the FFN after the dynamic interaction.
+    q.DIM_FEEDFORWARD = 2048
+    # Bottleneck width F of every DynamicConv (dynamic_layer outputs 2*C*F values).
+    q.DIM_DYNAMIC = 64
+    # Dropout of attention, interaction residual and FFN.
+    q.DROPOUT = 0.0
+    # [Linear, LN, ReLU] blocks before the class / box-delta layers.
+    q.NUM_CLS_FCS = 1
+    q.NUM_REG_FCS = 3
+    # Weights (wx, wy, ww, wh) of Detectron2's Box2BoxTransform (= mmdet stds 0.5, 0.5, 1, 1).
+    q.BBOX_REG_WEIGHTS = (2.0, 2.0, 1.0, 1.0)
+    # Box RoIAlign side, mask RoIAlign side and sampling ratio; pooler type (ROIAlignV2 = aligned).
+    q.BOX_POOLER_RESOLUTION = 7
+    q.MASK_POOLER_RESOLUTION = 14
+    q.POOLER_SAMPLING_RATIO = 2
+    q.POOLER_TYPE = "ROIAlignV2"
+    # Convs in the dynamic mask head's stack, their width, and their norm ("BN" official, "GN").
+    q.MASK_NUM_CONVS = 4
+    q.MASK_CONV_DIM = 256
+    q.MASK_NORM = "BN"
+    # Matcher cost weights: sigmoid focal class, L1 on normalised xyxy boxes, GIoU.
+    q.COST_CLASS = 2.0
+    q.COST_L1 = 5.0
+    q.COST_GIOU = 2.0
+    # Loss weights: sigmoid focal class, L1 (normalised boxes), GIoU, dice on 28x28 RoI masks.
+    q.CLASS_WEIGHT = 2.0
+    q.L1_WEIGHT = 5.0
+    q.GIOU_WEIGHT = 2.0
+    q.MASK_WEIGHT = 8.0
+    # Focal loss / focal cost alpha and gamma.
+    q.FOCAL_ALPHA = 0.25
+    q.FOCAL_GAMMA = 2.0
+    # Epsilon of the squared-denominator dice loss on the masks.
+    q.DICE_EPS = 1e-5
+    # Loss weight of each stage (length NUM_STAGES; empty = all 1.0).
+    q.STAGE_LOSS_WEIGHTS = []
+    # Probability threshold of the pasted masks at inference.
+    q.MASK_THRESHOLD = 0.5

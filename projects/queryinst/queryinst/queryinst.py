@@ -1,0 +1,346 @@
+"""QueryInst meta-architecture (Fang et al., "Instances as Queries", ICCV 2021).
+
+Provenance: follows ``hustvl/QueryInst`` (``QueryInst`` detector + ``QueryRoIHead``): Sparse
+R-CNN's learned proposals refined by 6 DIIHead stages, each with its own dynamic mask head, all
+stages matched (on their own detached outputs) and supervised in parallel; inference takes the
+top-k (query, class) pairs of the last stage and pastes that stage's masks, no NMS. Differences:
+Detectron2 backbone/FPN/poolers/box transform, the shared matcher and criterion, and boxes are
+clipped to the image after the masks are pasted (see the README).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.layers import paste_masks_in_image
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
+
+from common.criterion import SetCriterion
+from common.loss_terms import matched_labels, src_permutation_idx
+from common.matcher import HungarianMatcher
+
+from . import loss as _loss  # noqa: F401  (registers the "roi_mask_dice" loss term)
+from .roi_head import EmbeddingRPNHead, QueryRoIHead
+
+__all__ = ["QueryInst"]
+
+
+@META_ARCH_REGISTRY.register()
+class QueryInst(nn.Module):
+    """QueryInst: query-based instance segmentation with parallel dynamic mask heads.
+
+    Training returns the criterion's weighted losses with keys ``loss_{cls,bbox,giou,mask}_s<t>``
+    for every stage t; inference returns ``[{"instances": Instances}]`` with ``pred_boxes``,
+    ``scores``, ``pred_classes`` and ``pred_masks`` at the requested output size.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        rpn_head: EmbeddingRPNHead,
+        roi_head: QueryRoIHead,
+        criterion: SetCriterion,
+        num_classes: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        test_topk: int = 100,
+        mask_threshold: float = 0.5,
+    ):
+        """
+        Args:
+            backbone: ResNet/Swin + FPN returning the features named by ``roi_head.in_features``.
+            rpn_head: the learned proposal boxes and proposal features.
+            roi_head: the stages (DIIHeads, dynamic mask heads, poolers, box transform).
+            criterion: the shared SetCriterion; its ``matcher`` matches every stage.
+            num_classes: K thing classes.
+            pixel_mean, pixel_std: input normalisation (RGB ImageNet statistics).
+            test_topk: detections per image (official ``max_per_img`` = number of queries).
+            mask_threshold: probability threshold of the pasted masks.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.rpn_head = rpn_head
+        self.roi_head = roi_head
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.test_topk = test_topk
+        self.mask_threshold = mask_threshold
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict[str, Any]:
+        q = cfg.MODEL.QUERYINST
+        _check_num_classes(cfg)
+        backbone = build_backbone(cfg)
+        roi_head = QueryRoIHead(cfg, backbone.output_shape())
+        dim = roi_head.bbox_head[0].in_channels
+        matcher = HungarianMatcher(
+            [
+                ("focal_class", q.COST_CLASS, {"alpha": q.FOCAL_ALPHA, "gamma": q.FOCAL_GAMMA}),
+                ("box_l1", q.COST_L1),
+                ("giou", q.COST_GIOU),
+            ]
+        )
+        stage_weights = list(q.STAGE_LOSS_WEIGHTS) or [1.0] * q.NUM_STAGES
+        if len(stage_weights) != q.NUM_STAGES:
+            raise ValueError(
+                f"MODEL.QUERYINST.STAGE_LOSS_WEIGHTS has {len(stage_weights)} entries for "
+                f"NUM_STAGES={q.NUM_STAGES}"
+            )
+        criterion = SetCriterion(
+            matcher,
+            q.NUM_CLASSES,
+            losses=[
+                ("labels_focal", {"alpha": q.FOCAL_ALPHA, "gamma": q.FOCAL_GAMMA}),
+                "boxes",
+                ("roi_mask_dice", {"eps": q.DICE_EPS}),
+            ],
+            weight_dict={
+                "loss_cls": q.CLASS_WEIGHT,
+                "loss_bbox": q.L1_WEIGHT,
+                "loss_giou": q.GIOU_WEIGHT,
+                "loss_mask": q.MASK_WEIGHT,
+            },
+            normalizer="num_matched",
+            key_style="stage",
+            stage_loss_weights=stage_weights,
+        )
+        return {
+            "backbone": backbone,
+            "rpn_head": EmbeddingRPNHead(q.NUM_PROPOSALS, dim),
+            "roi_head": roi_head,
+            "criterion": criterion,
+            "num_classes": q.NUM_CLASSES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "test_topk": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "mask_threshold": q.MASK_THRESHOLD,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, batched_inputs: list[dict[str, Any]]):
+        """
+        Args:
+            batched_inputs: Detectron2 mapper dicts: ``image`` [3, H, W] (cfg.INPUT.FORMAT),
+                optional ``height``/``width`` (output size) and, in training, ``instances``
+                with ``gt_classes`` [G], ``gt_boxes`` [G, 4] and ``gt_masks`` BitMasks [G, H, W].
+
+        Returns:
+            training: ``{loss_<term>_s<t>: 0-d tensor}``; inference: one dict per image with
+            ``instances``.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.roi_head.select_features(self.backbone(images.tensor))
+        image_whwh = torch.tensor(
+            [[w, h, w, h] for h, w in images.image_sizes], dtype=torch.float32, device=self.device
+        )
+        boxes, proposal_features = self.rpn_head(image_whwh)
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images.image_sizes)
+            return self.forward_train(features, boxes, proposal_features, targets)
+        return self.inference(features, boxes, proposal_features, batched_inputs, images)
+
+    def forward_train(
+        self,
+        features: list[Tensor],
+        boxes: Tensor,
+        proposal_features: Tensor,
+        targets: list[dict[str, Any]],
+    ) -> dict[str, Tensor]:
+        """Run all stages, match each on its own detached outputs, run each stage's mask head on
+        its matched queries, and return the criterion's losses for all stages.
+
+        Args:
+            features: FPN levels [B, C, H_l, W_l], finest first.
+            boxes: [B, N, 4] initial proposal boxes (absolute xyxy).
+            proposal_features: [B, N, C] initial proposal features.
+            targets: B dicts (``labels``, ``boxes``, ``masks``, ``image_size``).
+        """
+        stage_outputs = []
+        for stage in range(self.roi_head.num_stages):
+            out = self.roi_head.box_stage(stage, features, boxes, proposal_features)
+            pred = {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
+            indices = self.criterion.matcher(pred, targets)
+            pred["pred_matching_indices"] = indices
+            pred["pred_roi_masks"] = self._matched_mask_logits(
+                stage, features, out, indices, targets
+            )
+            stage_outputs.append(pred)
+            boxes = out["pred_boxes"].detach()
+            proposal_features = out["object_features"]
+        outputs = dict(stage_outputs[-1], aux_outputs=stage_outputs[:-1])
+        return self.criterion(outputs, targets)
+
+    def _matched_mask_logits(
+        self,
+        stage: int,
+        features: list[Tensor],
+        out: dict[str, Tensor],
+        indices: list[tuple[Tensor, Tensor]],
+        targets: list[dict[str, Any]],
+    ) -> Tensor:
+        """GT-class mask logits [M, S, S] of the matched queries (src_permutation_idx order)."""
+        b_idx, q_idx = src_permutation_idx(indices, self.device)
+        mask_head = self.roi_head.mask_head[stage]
+        side = 2 * self.roi_head.mask_pooler.output_size[0]
+        if b_idx.numel() == 0:
+            # no positives: a zero-size output still touching every mask-head parameter, so that
+            # DDP sees gradients for them (and BatchNorm never sees an empty batch)
+            anchor = sum(p.sum() for p in mask_head.parameters()) * 0.0
+            return anchor + out["attn_features"].new_zeros((0, side, side))
+        pred_boxes = out["pred_boxes"].detach()
+        roi_boxes = [pred_boxes[b, src.to(self.device)] for b, (src, _) in enumerate(indices)]
+        logits = self.roi_head.mask_stage(
+            stage, features, roi_boxes, out["attn_features"][b_idx, q_idx]
+        )
+        labels = matched_labels(targets, indices, self.device)
+        return logits[torch.arange(len(labels), device=self.device), labels]
+
+    @torch.no_grad()
+    def inference(
+        self,
+        features: list[Tensor],
+        boxes: Tensor,
+        proposal_features: Tensor,
+        batched_inputs: list[dict[str, Any]],
+        images: ImageList,
+    ) -> list[dict[str, Instances]]:
+        """Run all stages; take the top-k (query, class) scores of the last stage; paste the
+        last stage's masks of those queries at the output size (no NMS)."""
+        for stage in range(self.roi_head.num_stages):
+            out = self.roi_head.box_stage(stage, features, boxes, proposal_features)
+            boxes = out["pred_boxes"]
+            proposal_features = out["object_features"]
+        scores = out["pred_logits"].sigmoid()  # [B, N, K]
+        b, n, k = scores.shape
+        topk = min(self.test_topk, n * k)
+        top_scores, top_idx = scores.flatten(1).topk(topk, dim=1)  # [B, topk]
+        top_query, top_labels = top_idx // k, top_idx % k
+        # the mask head runs once per distinct selected query (a query can hold several labels)
+        uniq = [q.unique(return_inverse=True) for q in top_query]
+        mask_logits = self.roi_head.mask_stage(
+            self.roi_head.num_stages - 1,
+            features,
+            [boxes[i, u] for i, (u, _) in enumerate(uniq)],
+            torch.cat([out["attn_features"][i, u] for i, (u, _) in enumerate(uniq)]),
+        )
+        results, start = [], 0
+        for i, (u, inverse) in enumerate(uniq):
+            probs = mask_logits[start + inverse, top_labels[i]].sigmoid()  # [topk, S, S]
+            start += len(u)
+            height = batched_inputs[i].get("height", images.image_sizes[i][0])
+            width = batched_inputs[i].get("width", images.image_sizes[i][1])
+            inst = self.postprocess(
+                boxes[i, top_query[i]],
+                top_scores[i],
+                top_labels[i],
+                probs,
+                images.image_sizes[i],
+                (height, width),
+            )
+            results.append({"instances": inst})
+        return results
+
+    def postprocess(
+        self,
+        boxes: Tensor,
+        scores: Tensor,
+        labels: Tensor,
+        mask_probs: Tensor,
+        image_size: tuple[int, int],
+        output_size: tuple[int, int],
+    ) -> Instances:
+        """Rescale one image's detections to ``output_size`` and paste their masks.
+
+        Args:
+            boxes: [D, 4] absolute xyxy in the input frame; scores [D]; labels [D].
+            mask_probs: [D, S, S] RoI mask probabilities.
+            image_size: (h, w) of the unpadded input; output_size: (H, W) wanted.
+
+        Returns:
+            Instances of size (H, W): pred_boxes (clipped), scores, pred_classes, pred_masks
+            [D, H, W] bool (pasted with the unclipped boxes the masks were predicted in; empty
+            for boxes outside the image).
+        """
+        out_h, out_w = int(output_size[0]), int(output_size[1])
+        scale = boxes.new_tensor([out_w / image_size[1], out_h / image_size[0]] * 2)
+        out_boxes = Boxes(boxes * scale)
+        result = Instances((out_h, out_w))
+        # paste only boxes that overlap the image (Detectron2's paste needs that); others: empty
+        x0, y0, x1, y1 = out_boxes.tensor.unbind(1)
+        inside = (x0 < out_w) & (y0 < out_h) & (x1 > 0) & (y1 > 0) & (x1 > x0) & (y1 > y0)
+        masks = torch.zeros((len(boxes), out_h, out_w), dtype=torch.bool, device=boxes.device)
+        if bool(inside.any()):
+            masks[inside] = paste_masks_in_image(
+                mask_probs[inside], out_boxes[inside], (out_h, out_w), self.mask_threshold
+            )
+        result.pred_masks = masks
+        out_boxes.clip((out_h, out_w))
+        result.pred_boxes = out_boxes
+        result.scores = scores
+        result.pred_classes = labels
+        return result
+
+    # ---- input handling --------------------------------------------------------------------
+    def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
+        """Normalise and pad the images to the backbone's size divisibility."""
+        images = []
+        for x in batched_inputs:
+            img = x["image"]
+            if img.dim() != 3 or img.shape[0] != self.pixel_mean.shape[0]:
+                raise ValueError(
+                    f"QueryInst expects images [{self.pixel_mean.shape[0]}, H, W], "
+                    f"got {tuple(img.shape)}"
+                )
+            images.append((img.to(self.device) - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def prepare_targets(
+        self, batched_inputs: list[dict[str, Any]], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Any]]:
+        """Per-image target dicts for the matcher and criterion: ``labels`` [G] long,
+        ``boxes`` [G, 4] absolute xyxy, ``masks`` [G, H, W] bool, ``image_size`` (h, w)."""
+        targets = []
+        for x, size in zip(batched_inputs, image_sizes):
+            if "instances" not in x:
+                raise KeyError("QueryInst training needs 'instances' in every input dict")
+            inst = x["instances"].to(self.device)
+            targets.append(
+                {
+                    "labels": inst.gt_classes.long(),
+                    "boxes": inst.gt_boxes.tensor,
+                    "masks": inst.gt_masks.tensor,
+                    "image_size": size,
+                }
+            )
+        labels = torch.cat([t["labels"] for t in targets])
+        if labels.numel() and int(labels.max()) >= self.num_classes:
+            raise ValueError(
+                f"ground-truth class {int(labels.max())} >= MODEL.QUERYINST.NUM_CLASSES="
+                f"{self.num_classes}"
+            )
+        return targets
+
+
+def _check_num_classes(cfg) -> None:
+    """Raise if MODEL.QUERYINST.NUM_CLASSES disagrees with the training set's thing classes."""
+    for name in cfg.DATASETS.TRAIN:
+        things = getattr(MetadataCatalog.get(name), "thing_classes", None)
+        if things and len(things) != cfg.MODEL.QUERYINST.NUM_CLASSES:
+            raise ValueError(
+                f"MODEL.QUERYINST.NUM_CLASSES={cfg.MODEL.QUERYINST.NUM_CLASSES} but dataset "
+                f"{name!r} has {len(things)} thing classes"
+            )

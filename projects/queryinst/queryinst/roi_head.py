@@ -1,0 +1,204 @@
+"""Learned proposals and the six-stage query RoI head of QueryInst.
+
+Provenance: follows QueryInst's ``EmbeddingRPNHead`` and ``QueryRoIHead`` (mmdet
+``SparseRoIHead`` with masks): per stage, RoIAlign of the current boxes -> DIIHead -> box
+refinement -> (boxes detached for the next stage); the stage's mask head reads 14x14 RoIs of
+that stage's refined boxes and its post-attention query features. Differences: RoIs come from
+Detectron2's ``ROIPooler`` (``ROIAlignV2``, canonical 224 @ P4, the same level rule as mmdet's
+``finest_scale=56`` up to an eps) and deltas are decoded with ``Box2BoxTransform``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes
+from torch import Tensor, nn
+
+from .dii_head import DIIHead
+from .mask_head import DynamicMaskHead
+
+
+class EmbeddingRPNHead(nn.Module):
+    """Sparse R-CNN's learned proposal boxes and proposal features (one set shared by all images).
+
+    ``init_proposal_bboxes`` stores normalised (cx, cy, w, h), initialised to the whole image;
+    ``init_proposal_features`` is N(0, 1) as ``nn.Embedding``'s default.
+
+    Args:
+        num_proposals: N (100 or 300).
+        proposal_feature_channel: C (256).
+    """
+
+    def __init__(self, num_proposals: int, proposal_feature_channel: int):
+        super().__init__()
+        self.num_proposals = num_proposals
+        self.init_proposal_bboxes = nn.Embedding(num_proposals, 4)
+        self.init_proposal_features = nn.Embedding(num_proposals, proposal_feature_channel)
+        nn.init.constant_(self.init_proposal_bboxes.weight[:, :2], 0.5)
+        nn.init.constant_(self.init_proposal_bboxes.weight[:, 2:], 1.0)
+
+    def forward(self, image_whwh: Tensor) -> tuple[Tensor, Tensor]:
+        """
+        Args:
+            image_whwh: [B, 4] (w, h, w, h) of every unpadded input image.
+
+        Returns:
+            proposal boxes [B, N, 4] absolute xyxy and proposal features [B, N, C].
+        """
+        center, size = self.init_proposal_bboxes.weight.split(2, dim=1)
+        xyxy = torch.cat([center - 0.5 * size, center + 0.5 * size], dim=1)
+        boxes = xyxy[None] * image_whwh[:, None, :]
+        feats = self.init_proposal_features.weight[None].expand(image_whwh.shape[0], -1, -1)
+        return boxes, feats
+
+
+class QueryRoIHead(nn.Module):
+    """The cascade of ``num_stages`` (DIIHead, DynamicMaskHead) pairs with their RoI poolers.
+
+    ``box_stage`` runs one box stage; ``mask_stage`` runs one stage's mask head on chosen
+    queries. The stage loop and matching live in the meta-architecture, which interleaves them.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        box_pooler: ROIPooler,
+        mask_pooler: ROIPooler,
+        bbox_head: Sequence[DIIHead],
+        mask_head: Sequence[DynamicMaskHead],
+        box2box_transform: Box2BoxTransform,
+        in_features: Sequence[str],
+    ):
+        """
+        Args:
+            box_pooler: 7x7 RoIAlign over ``in_features`` (shared by the stages; no parameters).
+            mask_pooler: 14x14 RoIAlign over ``in_features``.
+            bbox_head: one DIIHead per stage.
+            mask_head: one DynamicMaskHead per stage (same length).
+            box2box_transform: decodes the DIIHead deltas relative to the stage's input boxes.
+            in_features: FPN feature names, finest first (e.g. p2..p5).
+        """
+        super().__init__()
+        if len(bbox_head) != len(mask_head) or not bbox_head:
+            raise ValueError(f"{len(bbox_head)} box heads vs {len(mask_head)} mask heads")
+        self.box_pooler = box_pooler
+        self.mask_pooler = mask_pooler
+        self.bbox_head = nn.ModuleList(bbox_head)
+        self.mask_head = nn.ModuleList(mask_head)
+        self.box2box_transform = box2box_transform
+        self.in_features = list(in_features)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
+        q = cfg.MODEL.QUERYINST
+        in_features = list(q.IN_FEATURES)
+        missing = [f for f in in_features if f not in input_shape]
+        if missing:
+            raise ValueError(
+                f"MODEL.QUERYINST.IN_FEATURES {missing} not among backbone outputs "
+                f"{sorted(input_shape)}"
+            )
+        channels = {input_shape[f].channels for f in in_features}
+        if len(channels) != 1:
+            raise ValueError(f"QueryInst needs equal channels on {in_features}, got {channels}")
+        dim = channels.pop()
+        scales = [1.0 / input_shape[f].stride for f in in_features]
+
+        def pooler(res: int) -> ROIPooler:
+            return ROIPooler(res, scales, q.POOLER_SAMPLING_RATIO, q.POOLER_TYPE)
+
+        bbox_head = [
+            DIIHead(
+                num_classes=q.NUM_CLASSES,
+                in_channels=dim,
+                num_heads=q.NUM_HEADS,
+                feedforward_channels=q.DIM_FEEDFORWARD,
+                dynamic_channels=q.DIM_DYNAMIC,
+                pooler_resolution=q.BOX_POOLER_RESOLUTION,
+                num_cls_fcs=q.NUM_CLS_FCS,
+                num_reg_fcs=q.NUM_REG_FCS,
+                dropout=q.DROPOUT,
+            )
+            for _ in range(q.NUM_STAGES)
+        ]
+        mask_head = [
+            DynamicMaskHead(
+                num_classes=q.NUM_CLASSES,
+                in_channels=dim,
+                conv_dim=q.MASK_CONV_DIM,
+                dynamic_channels=q.DIM_DYNAMIC,
+                num_convs=q.MASK_NUM_CONVS,
+                norm=q.MASK_NORM,
+            )
+            for _ in range(q.NUM_STAGES)
+        ]
+        return {
+            "box_pooler": pooler(q.BOX_POOLER_RESOLUTION),
+            "mask_pooler": pooler(q.MASK_POOLER_RESOLUTION),
+            "bbox_head": bbox_head,
+            "mask_head": mask_head,
+            "box2box_transform": Box2BoxTransform(weights=tuple(q.BBOX_REG_WEIGHTS)),
+            "in_features": in_features,
+        }
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.bbox_head)
+
+    def select_features(self, features: dict[str, Tensor]) -> list[Tensor]:
+        """The pooled FPN levels, finest first: list of [B, C, H_l, W_l]."""
+        return [features[f] for f in self.in_features]
+
+    def box_stage(
+        self, stage: int, features: list[Tensor], boxes: Tensor, proposal_features: Tensor
+    ) -> dict[str, Tensor]:
+        """Run stage ``stage``'s DIIHead on the current boxes.
+
+        Args:
+            features: FPN levels from :meth:`select_features`.
+            boxes: [B, N, 4] absolute xyxy input boxes of this stage (detached).
+            proposal_features: [B, N, C] queries.
+
+        Returns:
+            ``pred_logits`` [B, N, K], ``pred_boxes`` [B, N, 4] refined absolute xyxy (with
+            gradient to the deltas), ``object_features`` [B, N, C], ``attn_features`` [B, N, C].
+        """
+        b, n = boxes.shape[:2]
+        rois = self.box_pooler(features, [Boxes(x) for x in boxes])  # [B*N, C, 7, 7]
+        out = self.bbox_head[stage](rois, proposal_features)
+        refined = self.box2box_transform.apply_deltas(
+            out["box_deltas"].reshape(b * n, 4), boxes.reshape(b * n, 4)
+        ).view(b, n, 4)
+        return {
+            "pred_logits": out["cls_logits"],
+            "pred_boxes": refined,
+            "object_features": out["object_features"],
+            "attn_features": out["attn_features"],
+        }
+
+    def mask_stage(
+        self,
+        stage: int,
+        features: list[Tensor],
+        boxes: Sequence[Tensor],
+        attn_features: Tensor,
+    ) -> Tensor:
+        """Run stage ``stage``'s mask head on some queries of every image.
+
+        Args:
+            features: FPN levels from :meth:`select_features`.
+            boxes: B tensors [P_b, 4], absolute xyxy (detached) boxes of the chosen queries.
+            attn_features: [sum P_b, C] their post-attention features, image-major.
+
+        Returns:
+            [sum P_b, K, 2r, 2r] class-specific mask logits (28x28 for r = 14).
+        """
+        rois = self.mask_pooler(features, [Boxes(x) for x in boxes])
+        return self.mask_head[stage](rois, attn_features)

@@ -1,0 +1,19 @@
+"""QuerySeg data: dataset mappers, the built-in ``shapes`` dataset and the evaluator factory.
+
+``import common.data`` registers the ``shapes_*`` datasets (their files are generated on first
+use, see ``common.data.shapes``).
+"""
+
+import warnings
+
+from . import shapes  # noqa: F401  (registers the shapes_* datasets)
+from .evaluation import build_evaluator
+from .shapes import configure_shapes_from_cfg, register_shapes
+
+# `python -m common.data.shapes` imports this package (hence the module) before running it as
+# __main__, for which runpy warns; the CLI does not depend on the imported copy.
+warnings.filterwarnings(
+    "ignore", message=r".*'common\.data\.shapes' found in sys\.modules", category=RuntimeWarning
+)
+
+__all__ = ["build_evaluator", "configure_shapes_from_cfg", "register_shapes"]

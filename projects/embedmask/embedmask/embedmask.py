@@ -1,0 +1,255 @@
+"""EmbedMask meta-architecture (Ying et al., arXiv 1912.01954 / IJCAI-21).
+
+Provenance: EmbedMask v2 (yinghdb/EmbedMask e9d6142) on FCOS, as a Detectron2 meta-arch laid out
+like the author's AdelaiDet port (``backbone``, ``proposal_generator.fcos_head``). Differences:
+plain-PyTorch mask probabilities (no CUDA op); masks are resized to the output size with one
+bilinear sampling of the stride-4 log-probabilities (v2: resize in the COCO evaluator).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import ImageList, Instances
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .embed_head import EmbedMaskHead, mask_log_probability
+from .fcos import FCOS
+from .mask_loss import EmbedMaskLoss
+
+#: log-probability written outside the detected box (v2's CUDA op), and the box padding (px at
+#: the pixel-embedding stride) of that crop.
+_OUTSIDE_BOX_LOG_PROB = -10.0
+_BOX_CROP_PAD = 2
+
+
+@META_ARCH_REGISTRY.register()
+class EmbedMask(nn.Module):
+    """FCOS detector + pixel/proposal embeddings; mask probability
+    p_ik = exp(-sum_d m_kd (e_id - q_kd)^2) of pixel i for proposal k; NMS-based inference."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        proposal_generator: FCOS,
+        embed_head: EmbedMaskHead,
+        mask_loss: EmbedMaskLoss,
+        in_features: list[str],
+        pixel_mean: tuple[float, ...],
+        pixel_std: tuple[float, ...],
+        mask_threshold: float = 0.53,
+        mask_box_crop: bool = True,
+    ):
+        """
+        Args:
+            backbone: FPN backbone giving ``in_features`` (P3..P7).
+            proposal_generator: the FCOS detector.
+            embed_head: pixel and proposal embedding heads.
+            mask_loss: the mask (and smooth) loss.
+            in_features: FPN levels for FCOS, finest first; the first one feeds the pixel head.
+            pixel_mean, pixel_std: per-channel input normalisation.
+            mask_threshold: a pixel is foreground where p > mask_threshold.
+            mask_box_crop: compute masks only inside the detected box (+2 px at stride 4).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.embed_head = embed_head
+        self.mask_loss = mask_loss
+        self.in_features = list(in_features)
+        self.mask_log_threshold = math.log(mask_threshold)
+        self.mask_box_crop = mask_box_crop
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        shapes = backbone.output_shape()
+        missing = [f for f in self.in_features if f not in shapes]
+        if missing:
+            raise ValueError(f"backbone lacks MODEL.FCOS.IN_FEATURES {missing}; has {list(shapes)}")
+        strides = [shapes[f].stride for f in self.in_features]
+        if strides != proposal_generator.strides:
+            raise ValueError(f"MODEL.FCOS.FPN_STRIDES {proposal_generator.strides} != {strides}")
+        self.pixel_stride = strides[0]
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> dict:
+        backbone = build_backbone(cfg)
+        in_channels = backbone.output_shape()[cfg.MODEL.FCOS.IN_FEATURES[0]].channels
+        _check_num_classes(cfg)
+        e = cfg.MODEL.EMBEDMASK
+        return {
+            "backbone": backbone,
+            "proposal_generator": FCOS(cfg, in_channels),
+            "embed_head": EmbedMaskHead(cfg, in_channels),
+            "mask_loss": EmbedMaskLoss(
+                positive_sampling=e.POSITIVE_SAMPLING,
+                sample_pos_iou_th=e.SAMPLE_POS_IOU_TH,
+                max_proposals=e.MAX_PROPOSALS,
+                box_padding=e.BOX_PADDING,
+                loss_mask_alpha=e.LOSS_MASK_ALPHA,
+                loss_smooth_alpha=e.LOSS_SMOOTH_ALPHA,
+            ),
+            "in_features": cfg.MODEL.FCOS.IN_FEATURES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "mask_threshold": e.MASK_TH,
+            "mask_box_crop": e.MASK_BOX_CROP,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def mask_stride(self) -> int:
+        """Stride of the pixel embeddings (P3 stride / MASK_SCALE_FACTOR; 4 by default)."""
+        return self.pixel_stride // self.embed_head.mask_scale_factor
+
+    def forward(self, batched_inputs: list[dict]) -> dict[str, Tensor] | list[dict]:
+        """
+        Args:
+            batched_inputs: mapper dicts with "image" [3, H, W] and, in training, "instances"
+                (gt_classes, gt_boxes, gt_masks BitMasks); "height"/"width" optional.
+
+        Returns:
+            training: {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_mask"} (+
+            "loss_smooth"); inference: per image {"instances": Instances(pred_boxes, scores,
+            pred_classes, pred_masks [n, height, width] bool)}.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        fcos_outputs = self.proposal_generator([features[f] for f in self.in_features])
+        pixel_embed = self.embed_head.pixel_embedding(
+            features[self.in_features[0]], self.pixel_stride
+        )
+        proposal_embed, margin = self.embed_head.proposal_embedding(
+            fcos_outputs["bbox_towers"], self.proposal_generator.strides
+        )
+        if self.training:
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            targets = self.proposal_generator.get_targets(fcos_outputs, gt_instances)
+            losses = self.proposal_generator.losses(fcos_outputs, targets)
+            losses.update(
+                self.mask_loss(
+                    pixel_embed,
+                    proposal_embed,
+                    margin,
+                    fcos_outputs,
+                    targets,
+                    gt_instances,
+                    self.mask_stride,
+                )
+            )
+            return losses
+        detections = self.proposal_generator.predict_instances(
+            fcos_outputs, images.image_sizes, torch.cat([proposal_embed, margin], dim=2)
+        )
+        return self.inference(detections, pixel_embed, batched_inputs, images.image_sizes)
+
+    def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
+        """Normalise and pad to the backbone's size divisibility. Returns [B, 3, H, W]."""
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
+        for img in images:
+            if img.dim() != 3 or img.shape[0] != self.pixel_mean.shape[0]:
+                raise ValueError(
+                    f"EmbedMask expects images [{self.pixel_mean.shape[0]}, H, W], "
+                    f"got {tuple(img.shape)}"
+                )
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def inference(
+        self,
+        detections: list[Instances],
+        pixel_embed: Tensor,
+        batched_inputs: list[dict],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[dict]:
+        """Masks from the embedding coupling, then boxes and masks at the requested output size.
+
+        Args:
+            detections: per image FCOS detections with ``top_feat`` [n, 2D] (embedding, margin).
+            pixel_embed: [B, D, H', W'] pixel embeddings at stride ``mask_stride``.
+
+        Returns:
+            per image {"instances": Instances at (height, width)}.
+        """
+        dim = self.embed_head.embed_dim
+        results = []
+        for i, (det, size) in enumerate(zip(detections, image_sizes)):
+            out_h = batched_inputs[i].get("height", size[0])
+            out_w = batched_inputs[i].get("width", size[1])
+            e = pixel_embed[i].flatten(1).t()
+            log_prob = mask_log_probability(e, det.top_feat[:, :dim], det.top_feat[:, dim:])
+            log_prob = log_prob.view(-1, *pixel_embed.shape[-2:])
+            if self.mask_box_crop:
+                log_prob = self._crop_to_boxes(log_prob, det.pred_boxes.tensor)
+            results.append({"instances": self._postprocess(det, log_prob, size, (out_h, out_w))})
+        return results
+
+    def _crop_to_boxes(self, log_prob: Tensor, boxes: Tensor) -> Tensor:
+        """Keep [n, H', W'] log-probabilities inside each xyxy box (in input pixels), padded by
+        2 grid pixels; elsewhere -10 (v2's box-restricted CUDA op)."""
+        s = self.mask_stride
+        grid = (boxes / s).long()
+        x0 = (grid[:, 0] - _BOX_CROP_PAD).clamp(min=0)
+        y0 = (grid[:, 1] - _BOX_CROP_PAD).clamp(min=0)
+        x1, y1 = grid[:, 2] + _BOX_CROP_PAD, grid[:, 3] + _BOX_CROP_PAD
+        ys = torch.arange(log_prob.shape[-2], device=log_prob.device)
+        xs = torch.arange(log_prob.shape[-1], device=log_prob.device)
+        in_y = (ys[None] >= y0[:, None]) & (ys[None] <= y1[:, None])
+        in_x = (xs[None] >= x0[:, None]) & (xs[None] <= x1[:, None])
+        inside = in_y[:, :, None] & in_x[:, None, :]
+        return torch.where(inside, log_prob, torch.full_like(log_prob, _OUTSIDE_BOX_LOG_PROB))
+
+    def _postprocess(
+        self,
+        det: Instances,
+        log_prob: Tensor,
+        image_size: tuple[int, int],
+        output_size: tuple[int, int],
+    ) -> Instances:
+        """Resize boxes and [n, H', W'] log-probability maps of the padded input to the output
+        size (bilinear, one sampling), threshold at log(MASK_TH)."""
+        (img_h, img_w), (out_h, out_w) = image_size, output_size
+        s = self.mask_stride
+        grid_h, grid_w = log_prob.shape[-2:]
+        # output pixel centre -> input coordinate -> grid_sample coordinate (align_corners=False)
+        ys = (torch.arange(out_h, device=log_prob.device) + 0.5) * (img_h / out_h) / s / grid_h
+        xs = (torch.arange(out_w, device=log_prob.device) + 0.5) * (img_w / out_w) / s / grid_w
+        gy, gx = torch.meshgrid(ys * 2 - 1, xs * 2 - 1, indexing="ij")
+        grid = torch.stack([gx, gy], dim=-1)[None]
+        if log_prob.shape[0]:
+            resized = F.grid_sample(
+                log_prob[None], grid, mode="bilinear", padding_mode="border", align_corners=False
+            )[0]
+        else:
+            resized = log_prob.new_zeros((0, out_h, out_w))
+        result = Instances((out_h, out_w))
+        boxes = det.pred_boxes.clone()
+        boxes.scale(out_w / img_w, out_h / img_h)
+        boxes.clip((out_h, out_w))
+        result.pred_boxes = boxes
+        result.scores = det.scores
+        result.pred_classes = det.pred_classes
+        result.pred_masks = resized > self.mask_log_threshold
+        return result
+
+
+def _check_num_classes(cfg: CfgNode) -> None:
+    """Raise if MODEL.FCOS.NUM_CLASSES disagrees with the training set's thing classes."""
+    if not cfg.DATASETS.TRAIN:
+        return
+    classes = getattr(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]), "thing_classes", None)
+    if classes is not None and len(classes) != cfg.MODEL.FCOS.NUM_CLASSES:
+        raise ValueError(
+            f"MODEL.FCOS.NUM_CLASSES={cfg.MODEL.FCOS.NUM_CLASSES} but {cfg.DATASETS.TRAIN[0]} has "
+            f"{len(classes)} thing classes"
+        )

@@ -290,8 +290,11 @@ def _make_lazy(name: str, spec: ShapesSpec, split: str, add_sem_seg: bool = Fals
     def load() -> list[dict]:
         ensure_split(spec, split)
         dicts = loader()
-        if add_sem_seg:
-            for d in dicts:
+        for d in dicts:
+            # the panoptic and semantic loaders leave the (known) image size out
+            d.setdefault("height", spec.image_size)
+            d.setdefault("width", spec.image_size)
+            if add_sem_seg:
                 stem = os.path.splitext(os.path.basename(d["pan_seg_file_name"]))[0]
                 d["sem_seg_file_name"] = os.path.join(sem_root, stem + ".png")
         return dicts

@@ -175,6 +175,7 @@ def test_every_registered_name_loads(shapes_tiny):
         assert len(dicts) == 8 and meta.evaluator_type in ("coco", "coco_panoptic_seg", "sem_seg")
         for d in dicts:
             assert os.path.isfile(d["file_name"]) and d["file_name"].endswith(".jpg")
+            assert (d["height"], d["width"]) == (64, 64)
             for key in ("sem_seg_file_name", "pan_seg_file_name"):
                 assert key not in d or os.path.isfile(d[key])
             if "annotations" in d:

@@ -221,8 +221,8 @@ def dice_loss(
     if inputs.shape != targets.shape:
         raise ValueError(f"shape mismatch: inputs {tuple(inputs.shape)} vs {tuple(targets.shape)}")
     probs = inputs.sigmoid() if from_logits else inputs
-    probs = probs.reshape(probs.shape[0], -1)
-    tgt = targets.reshape(targets.shape[0], -1).to(probs.dtype)
+    probs = probs.flatten(1)
+    tgt = targets.flatten(1).to(probs.dtype)
     inter = (probs * tgt).sum(1)
     if form == "plain":
         loss = 1 - (2 * inter + eps) / (probs.sum(1) + tgt.sum(1) + eps)
@@ -458,9 +458,10 @@ def lovasz_grad(gt_sorted: Tensor) -> Tensor:
         gt_sorted: [N, P] binary labels sorted by decreasing error, per row.
 
     Returns:
-        [N, P] float: ``J(1..i) - J(1..i-1)`` with J the Jaccard loss of the first i errors.
+        [N, P] (the float dtype of ``gt_sorted``, else float32): ``J(1..i) - J(1..i-1)``
+        with J the Jaccard loss of the first i errors.
     """
-    gt = gt_sorted.float()
+    gt = gt_sorted if gt_sorted.is_floating_point() else gt_sorted.float()
     gts = gt.sum(1, keepdim=True)
     intersection = gts - gt.cumsum(1)
     union = gts + (1 - gt).cumsum(1)
@@ -495,7 +496,7 @@ def lovasz_hinge(
     """
     if logits.shape != labels.shape:
         raise ValueError(f"shape mismatch: logits {tuple(logits.shape)} vs {tuple(labels.shape)}")
-    flat = logits.reshape(logits.shape[0], -1) if per_instance else logits.reshape(1, -1)
+    flat = logits.flatten(1) if per_instance else logits.reshape(1, -1)
     lab = labels.reshape(flat.shape).to(flat.dtype)
     if flat.shape[1] == 0:
         return reduce_loss(flat.sum(1) * 0.0, reduction, avg_factor)

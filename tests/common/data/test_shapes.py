@@ -228,12 +228,16 @@ def test_metadata_follows_detectron2_conventions(shapes_tiny):
     assert sem.ignore_label == 255 and os.path.isdir(sem.sem_seg_root)
 
 
-def test_default_names_registered_on_import():
-    for name in ("shapes_train", "shapes_val", "shapes_train_panoptic", "shapes_val_panoptic",
-                 "shapes_train_panoptic_separated", "shapes_val_panoptic_separated",
-                 "shapes_sem_seg_train", "shapes_sem_seg_val"):
-        assert name in DatasetCatalog.list()
-        assert "128px_s0_600-100" in MetadataCatalog.get(name).image_root
+def test_default_names_registered_on_import(tmp_path):
+    names = ("shapes_train", "shapes_val", "shapes_train_panoptic", "shapes_val_panoptic",
+             "shapes_train_panoptic_separated", "shapes_val_panoptic_separated",
+             "shapes_sem_seg_train", "shapes_sem_seg_val")
+    assert set(names) <= set(DatasetCatalog.list())
+    spec = register_shapes(root=str(tmp_path))  # what `import common.data` calls (other root)
+    assert spec.tag == "128px_s0_600-100_v1"
+    assert MetadataCatalog.get("shapes_val").image_root == os.path.join(spec.dataset_dir, "val")
+    assert not os.path.exists(spec.dataset_dir)  # nothing generated before first use
+    register_shapes()
 
 
 # ---- determinism and parameters ---------------------------------------------------------------

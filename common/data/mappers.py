@@ -36,6 +36,16 @@ from common.data.validation import read_image_checked, validate_annotations
 MAPPER_REGISTRY = Registry("QS_DATASET_MAPPER")
 MAPPER_REGISTRY.__doc__ = "Training dataset mappers, selected by cfg.INPUT.DATASET_MAPPER_NAME."
 
+
+def register_mapper(name: str):
+    """Decorator: register a mapper class or ``(cfg, is_train) -> mapper`` factory as ``name``."""
+
+    def deco(obj):
+        MAPPER_REGISTRY._do_register(name, obj)
+        return obj
+
+    return deco
+
 logger = logging.getLogger(__name__)
 
 
@@ -135,7 +145,7 @@ class _BaseMapper:
         return image.shape[:2], transforms, aug_input.sem_seg
 
 
-@MAPPER_REGISTRY.register("instance")
+@register_mapper("instance")
 class InstanceDatasetMapper(_BaseMapper):
     """COCO-style instance annotations → ``instances`` with bitmasks and mask-derived boxes."""
 
@@ -155,7 +165,7 @@ class InstanceDatasetMapper(_BaseMapper):
         return dataset_dict
 
 
-@MAPPER_REGISTRY.register("panoptic")
+@register_mapper("panoptic")
 class PanopticDatasetMapper(_BaseMapper):
     """COCO panoptic PNG + segments_info → per-segment ``instances`` and a unified ``sem_seg``."""
 
@@ -195,7 +205,7 @@ class PanopticDatasetMapper(_BaseMapper):
         return dataset_dict
 
 
-@MAPPER_REGISTRY.register("semantic")
+@register_mapper("semantic")
 class SemanticDatasetMapper(_BaseMapper):
     """Semantic label PNG → ``sem_seg`` plus one instance mask per present class."""
 
@@ -218,7 +228,7 @@ class SemanticDatasetMapper(_BaseMapper):
         return dataset_dict
 
 
-@MAPPER_REGISTRY.register("detectron2")
+@register_mapper("detectron2")
 def _detectron2_mapper(cfg: CfgNode, is_train: bool = True) -> DatasetMapper:
     """Detectron2's own DatasetMapper (used by the Mask R-CNN / Panoptic FPN baselines)."""
     return DatasetMapper(cfg, is_train=is_train)

@@ -1,0 +1,113 @@
+"""K-Net's config keys (``MODEL.KNET.*``); the only place that writes them."""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_knet_config(cfg: CN) -> None:
+    """Add ``MODEL.KNET`` to a Detectron2 config, in place (defaults = the official R50 configs).
+
+    Safe to call twice.
+    """
+    if hasattr(cfg.MODEL, "KNET"):
+        return
+    cfg.MODEL.KNET = CN()
+    k = cfg.MODEL.KNET
+    # "instance" (100 learned kernels) or "panoptic" (+ one stuff kernel per stuff class).
+    k.TASK = "instance"
+    # Number of thing classes predicted by the classifiers (80 on COCO).
+    k.NUM_THING_CLASSES = 80
+    # Number of stuff classes (53 on COCO panoptic); used only when TASK is "panoptic".
+    k.NUM_STUFF_CLASSES = 53
+    # Bottom-up network under the FPN of the "build_knet_fpn_backbone" backbone (any
+    # BACKBONE_REGISTRY name returning res2..res5-like maps, e.g. "build_swin_backbone").
+    k.BOTTOM_UP = "build_resnet_backbone"
+    # Backbone/FPN feature maps the semantic-FPN neck reads, finest first (strides 4..32).
+    k.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    # Number of learned (thing) kernels N.
+    k.NUM_PROPOSALS = 100
+    # Number of kernel update heads S (iterations after the stage-0 kernels).
+    k.NUM_STAGES = 3
+    # Channels C of the kernels and of the feature map the heads read.
+    k.HIDDEN_DIM = 256
+    # Spatial size K of every kernel (1 in all released configs).
+    k.CONV_KERNEL_SIZE = 1
+    # Normalization of the semantic-FPN neck and the stage-0 loc/seg convs ("GN" = GN(32)).
+    k.NECK_NORM = "GN"
+    # Index of the input level that gets the sine positional encoding (-1: none).
+    k.POS_ENCODING_LEVEL = 3
+    # Index of the input level whose stride is the neck's output stride (1 = P3, stride 8).
+    k.NECK_OUT_LEVEL = 1
+    # Std of the normal init of the stage-0 kernels (init_kernels).
+    k.KERNEL_INIT_STD = 1.0
+    # Attention heads of the kernel interaction (multi-head self-attention over kernels).
+    k.NUM_HEADS = 8
+    # Hidden width of the FFN after kernel interaction.
+    k.FEEDFORWARD_DIM = 2048
+    # Dropout of attention and FFN.
+    k.DROPOUT = 0.0
+    # Linear-LN-ReLU layers before the classifier.
+    k.NUM_CLS_FCS = 1
+    # Linear-LN-ReLU layers before fc_mask (the dynamic mask kernel).
+    k.NUM_MASK_FCS = 1
+    # in = feat = out channels of the kernel updator (kernels wider than this are processed
+    # in chunks of this size, as the official semantic configs do with 512-d kernels).
+    k.UPDATOR_DIM = 256
+    # Threshold of the hard (binary) mask used for group feature assembling.
+    k.HARD_MASK_THR = 0.5
+    # Upsampling of stage mask logits before losses/inference (2: stride 8 -> stride 4).
+    k.MASK_UPSAMPLE_STRIDE = 2
+    # Targets and matching resolution: padded input size / MASK_ASSIGN_STRIDE.
+    k.MASK_ASSIGN_STRIDE = 4
+    # One loss weight per kernel update head.
+    k.STAGE_LOSS_WEIGHTS = [1.0, 1.0, 1.0]
+    # Matching costs (mmdet FocalLossCost / DiceCost / MaskCost weights).
+    k.COST_CLASS = 2.0
+    k.COST_DICE = 4.0
+    k.COST_MASK = 1.0
+    # Loss weights: sigmoid focal classification, BCE mask, dice, rank (panoptic) and the
+    # stage-0 semantic (focal) loss.
+    k.CLASS_WEIGHT = 2.0
+    k.MASK_WEIGHT = 1.0
+    k.DICE_WEIGHT = 4.0
+    k.RANK_WEIGHT = 0.1
+    k.SEG_WEIGHT = 1.0
+    # Focal loss/cost parameters.
+    k.FOCAL_ALPHA = 0.25
+    k.FOCAL_GAMMA = 2.0
+
+    # ---- inference ----------------------------------------------------------------------
+    k.TEST = CN()
+    # Instance output: top-k over (kernel, class) scores.
+    k.TEST.MAX_PER_IMAGE = 100
+    # Threshold of the sigmoid masks (instance output and panoptic "original area").
+    k.TEST.MASK_THR = 0.5
+    # Panoptic merge: things scoring below this are dropped.
+    k.TEST.INSTANCE_SCORE_THR = 0.3
+    # Panoptic merge: keep a segment if (pixels it wins) / (pixels of its mask) >= this.
+    k.TEST.OVERLAP_THR = 0.6
+
+    # ---- the semantic variant (meta-arch KNetSemantic) ----------------------------------
+    k.SEMANTIC = CN()
+    # Base decode head that makes the class kernels: "FCN" | "PSP" | "ASPP" | "UPER".
+    k.SEMANTIC.DECODE_HEAD = "FCN"
+    # Backbone features the decode head reads (one for FCN/PSP/ASPP, four for UPerNet).
+    k.SEMANTIC.IN_FEATURES = ["res5"]
+    # Channels of the decode head output = channels of the class kernels.
+    k.SEMANTIC.CHANNELS = 512
+    # Norm of the decode and auxiliary heads ("SyncBN" as mmseg; "BN", "GN", ...).
+    k.SEMANTIC.NORM = "SyncBN"
+    # Dropout before the decode head's classifier (conv_seg).
+    k.SEMANTIC.DROPOUT = 0.1
+    # FCN head: number of 3x3 convs and whether their output is concatenated with the input.
+    k.SEMANTIC.FCN_NUM_CONVS = 2
+    k.SEMANTIC.FCN_CONCAT_INPUT = True
+    # PSP and UPerNet pooling scales.
+    k.SEMANTIC.POOL_SCALES = [1, 2, 3, 6]
+    # ASPP dilations.
+    k.SEMANTIC.ASPP_DILATIONS = [1, 12, 24, 36]
+    # Auxiliary FCN head (one 3x3 conv) on this feature; "" disables it.
+    k.SEMANTIC.AUX_IN_FEATURE = "res4"
+    k.SEMANTIC.AUX_CHANNELS = 256
+    k.SEMANTIC.AUX_WEIGHT = 0.4
+    # CE weight of every stage's logits (initial decode head + each kernel update head).
+    k.SEMANTIC.LOSS_WEIGHT = 1.0

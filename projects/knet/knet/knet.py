@@ -1,0 +1,413 @@
+"""K-Net meta-architecture for instance and panoptic segmentation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import ImageList
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from common.criterion import SetCriterion
+from common.matcher import HungarianMatcher
+
+from .kernel_head import ConvKernelHead
+from .kernel_update_head import KernelUpdateHead
+from .losses import KNetMatcher
+from .postprocessing import instance_inference, panoptic_inference
+
+
+@META_ARCH_REGISTRY.register()
+class KNet(nn.Module):
+    """K-Net: Towards Unified Image Segmentation (Zhang et al., NeurIPS 2021), detection codebase.
+
+    Backbone + FPN -> :class:`ConvKernelHead` (stage 0) -> S :class:`KernelUpdateHead` s.
+    Differs from ZwwWayne/K-Net only where the README says (mask-derived boxes, Detectron2
+    panoptic format, no 2-images-per-GPU target bug, Detectron2 FPN init).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        kernel_head: ConvKernelHead,
+        kernel_update_heads: list[KernelUpdateHead],
+        rpn_criterion: SetCriterion,
+        criterion: SetCriterion,
+        in_features: list[str],
+        num_thing_classes: int,
+        num_stuff_classes: int,
+        panoptic: bool,
+        pixel_mean: list[float],
+        pixel_std: list[float],
+        size_divisibility: int = 32,
+        mask_upsample_stride: int = 2,
+        mask_assign_stride: int = 4,
+        max_per_image: int = 100,
+        mask_thr: float = 0.5,
+        instance_score_thr: float = 0.3,
+        overlap_thr: float = 0.6,
+    ):
+        """
+        Args:
+            backbone: returns the maps named ``in_features`` (P2..P5).
+            kernel_head: stage 0 (semantic-FPN neck, initial kernels and masks).
+            kernel_update_heads: the S update stages.
+            rpn_criterion: losses of stage 0 (mask, dice, semantic, rank), own matching.
+            criterion: losses of stages 1..S; stage s matched on stage s-1's predictions.
+            in_features: backbone outputs read by the kernel head, finest first.
+            num_thing_classes, num_stuff_classes: T and S (S used in panoptic mode only).
+            panoptic: append one stuff kernel per stuff class and output ``panoptic_seg``.
+            pixel_mean, pixel_std: input normalization (RGB ImageNet for the official models).
+            size_divisibility: pad inputs to a multiple of this (32).
+            mask_upsample_stride: upsampling of stage masks (stride 8 -> 4) for loss/inference.
+            mask_assign_stride: targets are resized to padded size / this.
+            max_per_image, mask_thr: instance inference (top-k, mask threshold).
+            instance_score_thr, overlap_thr: panoptic merge thresholds.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.kernel_head = kernel_head
+        self.kernel_update_heads = nn.ModuleList(kernel_update_heads)
+        self.rpn_criterion = rpn_criterion
+        self.criterion = criterion
+        self.in_features = list(in_features)
+        self.num_thing_classes = num_thing_classes
+        self.num_stuff_classes = num_stuff_classes
+        self.panoptic = panoptic
+        self.size_divisibility = size_divisibility
+        self.mask_upsample_stride = mask_upsample_stride
+        self.mask_assign_stride = mask_assign_stride
+        self.max_per_image = max_per_image
+        self.mask_thr = mask_thr
+        self.instance_score_thr = instance_score_thr
+        self.overlap_thr = overlap_thr
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> dict[str, Any]:
+        k = cfg.MODEL.KNET
+        if k.TASK not in ("instance", "panoptic"):
+            raise ValueError(f"MODEL.KNET.TASK={k.TASK!r}: expected 'instance' or 'panoptic'")
+        panoptic = k.TASK == "panoptic"
+        num_things = k.NUM_THING_CLASSES
+        num_stuff = k.NUM_STUFF_CLASSES if panoptic else 0
+        _check_metadata(cfg, num_things, num_stuff, panoptic)
+        num_classes = num_things + num_stuff
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        missing = [f for f in k.IN_FEATURES if f not in shapes]
+        if missing:
+            raise KeyError(
+                f"MODEL.KNET.IN_FEATURES {missing} not in backbone outputs {sorted(shapes)}"
+            )
+        channels = {shapes[f].channels for f in k.IN_FEATURES}
+        if len(channels) != 1:
+            raise ValueError(f"K-Net needs equal-width FPN inputs, got {channels}")
+        kernel_head = ConvKernelHead(
+            num_proposals=k.NUM_PROPOSALS,
+            num_classes=num_classes,
+            num_levels=len(k.IN_FEATURES),
+            in_channels=channels.pop(),
+            channels=k.HIDDEN_DIM,
+            conv_kernel_size=k.CONV_KERNEL_SIZE,
+            neck_out_level=k.NECK_OUT_LEVEL,
+            pos_encoding_level=k.POS_ENCODING_LEVEL,
+            norm=k.NECK_NORM,
+            kernel_init_std=k.KERNEL_INIT_STD,
+        )
+        heads = [
+            KernelUpdateHead(
+                num_classes=num_classes,
+                in_channels=k.HIDDEN_DIM,
+                conv_kernel_size=k.CONV_KERNEL_SIZE,
+                num_heads=k.NUM_HEADS,
+                feedforward_channels=k.FEEDFORWARD_DIM,
+                num_cls_fcs=k.NUM_CLS_FCS,
+                num_mask_fcs=k.NUM_MASK_FCS,
+                dropout=k.DROPOUT,
+                updator_channels=k.UPDATOR_DIM,
+                hard_mask_thr=k.HARD_MASK_THR,
+            )
+            for _ in range(k.NUM_STAGES)
+        ]
+        rpn_criterion, criterion = build_knet_criteria(cfg, num_classes, panoptic)
+        return {
+            "backbone": backbone,
+            "kernel_head": kernel_head,
+            "kernel_update_heads": heads,
+            "rpn_criterion": rpn_criterion,
+            "criterion": criterion,
+            "in_features": k.IN_FEATURES,
+            "num_thing_classes": num_things,
+            "num_stuff_classes": num_stuff,
+            "panoptic": panoptic,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": max(backbone.size_divisibility, cfg.INPUT.SIZE_DIVISIBILITY, 1),
+            "mask_upsample_stride": k.MASK_UPSAMPLE_STRIDE,
+            "mask_assign_stride": k.MASK_ASSIGN_STRIDE,
+            "max_per_image": k.TEST.MAX_PER_IMAGE,
+            "mask_thr": k.TEST.MASK_THR,
+            "instance_score_thr": k.TEST.INSTANCE_SCORE_THR,
+            "overlap_thr": k.TEST.OVERLAP_THR,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ---- forward ----------------------------------------------------------------------
+    def forward(self, batched_inputs: list[dict[str, Any]]):
+        """
+        Args:
+            batched_inputs: mapper outputs: ``image`` [3, H, W] (cfg.INPUT.FORMAT), optional
+                ``height``/``width``; training: ``instances`` (gt_classes, gt_masks; panoptic
+                also gt_is_thing).
+
+        Returns:
+            training: dict of weighted losses (``loss_<term>_s<stage>``, stage 0 = initial
+            kernels); inference: per image ``{"instances": Instances}`` or
+            ``{"panoptic_seg": (ids [H, W], segments_info)}``.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        stage0 = self.kernel_head([features[f] for f in self.in_features])
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images)
+            rpn_outputs, outputs = self.forward_train_stages(stage0)
+            losses = self.rpn_criterion(rpn_outputs, targets)
+            losses.update(self.criterion(outputs, targets))
+            return losses
+        cls_logits, mask_logits = self.forward_test_stages(stage0)
+        return self.inference(cls_logits, mask_logits, batched_inputs, images)
+
+    def _upsample(self, x: Tensor) -> Tensor:
+        if self.mask_upsample_stride == 1:
+            return x
+        return F.interpolate(
+            x, scale_factor=self.mask_upsample_stride, mode="bilinear", align_corners=False
+        )
+
+    def _initial(self, stage0: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if self.panoptic:
+            return self.kernel_head.with_stuff_kernels(stage0, self.num_thing_classes)
+        return stage0["kernels"], stage0["mask_logits"]
+
+    def forward_train_stages(self, stage0: dict[str, Tensor]) -> tuple[dict, dict]:
+        """Run all stages, keeping every stage's stride-4 predictions for the criteria.
+
+        Returns:
+            (stage-0 dict ``pred_masks`` [B, N, h, w] + ``pred_seg`` [B, C, h, w],
+            stage dict of the last stage ``pred_logits`` [B, Q, C] + ``pred_masks``
+            [B, Q, h, w] with ``aux_outputs`` for stages 1..S-1); stage 1 carries
+            ``match_outputs`` = the stage-0 dict (K-Net matches stage s on stage s-1).
+        """
+        rpn = {
+            "pred_masks": self._upsample(stage0["mask_logits"]),
+            "pred_seg": self._upsample(stage0["seg_logits"]),
+        }
+        kernels, masks = self._initial(stage0)
+        stages = []
+        for head in self.kernel_update_heads:
+            cls_logits, masks, kernels = head(stage0["x_feats"], kernels, masks)
+            stages.append({"pred_logits": cls_logits, "pred_masks": self._upsample(masks)})
+        stages[0]["match_outputs"] = rpn
+        return rpn, {**stages[-1], "aux_outputs": stages[:-1]}
+
+    def forward_test_stages(self, stage0: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Returns the last stage's cls logits [B, Q, C] and stride-4 mask logits [B, Q, h, w]."""
+        kernels, masks = self._initial(stage0)
+        cls_logits = None
+        for head in self.kernel_update_heads:
+            cls_logits, masks, kernels = head(stage0["x_feats"], kernels, masks)
+        return cls_logits, self._upsample(masks)
+
+    # ---- data ---------------------------------------------------------------------------
+    def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def prepare_targets(
+        self, batched_inputs: list[dict[str, Any]], images: ImageList
+    ) -> list[dict]:
+        """Per image ``labels`` [G] (things, then one target per present stuff class) and
+        ``masks`` [G, H_pad / 4, W_pad / 4] (zero-padded, bilinearly resized, soft)."""
+        pad_h, pad_w = images.tensor.shape[-2:]
+        size = (pad_h // self.mask_assign_stride, pad_w // self.mask_assign_stride)
+        targets = []
+        for x, image_size in zip(batched_inputs, images.image_sizes):
+            inst = x["instances"].to(self.device)
+            masks = inst.gt_masks.tensor if hasattr(inst.gt_masks, "tensor") else inst.gt_masks
+            labels = inst.gt_classes
+            if self.panoptic:
+                if not inst.has("gt_is_thing"):
+                    raise KeyError("panoptic K-Net needs instances.gt_is_thing (mapper 'panoptic')")
+                labels, masks = _merge_stuff(labels, masks, inst.gt_is_thing)
+            _check_labels(labels, self.num_thing_classes, self.num_stuff_classes, self.panoptic)
+            masks = F.pad(masks.float(), (0, pad_w - masks.shape[-1], 0, pad_h - masks.shape[-2]))
+            if masks.shape[0]:
+                masks = F.interpolate(masks[None], size, mode="bilinear", align_corners=False)[0]
+            else:
+                masks = masks.new_zeros((0, *size))
+            targets.append({"labels": labels, "masks": masks, "image_size": tuple(image_size)})
+        return targets
+
+    # ---- inference ------------------------------------------------------------------------
+    def inference(
+        self,
+        cls_logits: Tensor,
+        mask_logits: Tensor,
+        batched_inputs: list[dict[str, Any]],
+        images: ImageList,
+    ) -> list[dict[str, Any]]:
+        padded = tuple(images.tensor.shape[-2:])
+        results = []
+        for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            out_size = (x.get("height", image_size[0]), x.get("width", image_size[1]))
+            common = {
+                "padded_size": padded,
+                "image_size": tuple(image_size),
+                "output_size": out_size,
+            }
+            if self.panoptic:
+                pan = panoptic_inference(
+                    cls_logits[i],
+                    mask_logits[i],
+                    num_proposals=self.kernel_head.num_proposals,
+                    num_thing_classes=self.num_thing_classes,
+                    instance_score_thr=self.instance_score_thr,
+                    overlap_thr=self.overlap_thr,
+                    mask_thr=self.mask_thr,
+                    **common,
+                )
+                results.append({"panoptic_seg": pan})
+            else:
+                inst = instance_inference(
+                    cls_logits[i],
+                    mask_logits[i],
+                    max_per_image=self.max_per_image,
+                    mask_thr=self.mask_thr,
+                    **common,
+                )
+                results.append({"instances": inst})
+        return results
+
+
+def build_knet_criteria(
+    cfg: CfgNode, num_classes: int, panoptic: bool
+) -> tuple[SetCriterion, SetCriterion]:
+    """The shared matcher/criterion configured as K-Net (spec A4).
+
+    Returns:
+        (stage-0 criterion: mask/dice/seg[/rank], matched on its own masks without a class cost;
+        stages 1..S criterion: cls/mask/dice[/rank], stage s matched on stage s-1 - stage 1 on
+        the stage-0 masks without a class cost).
+    """
+    k = cfg.MODEL.KNET
+    n, t = k.NUM_PROPOSALS, k.NUM_THING_CLASSES
+    focal = {"alpha": k.FOCAL_ALPHA, "gamma": k.FOCAL_GAMMA}
+    mask_costs = [("dice_sq", k.COST_DICE), ("mask_agreement", k.COST_MASK)]
+
+    def matcher(with_class: bool, with_stuff: bool) -> KNetMatcher:
+        costs = [("focal_class", k.COST_CLASS, focal)] if with_class else []
+        return KNetMatcher(
+            HungarianMatcher([*costs, *mask_costs]),
+            num_proposals=n,
+            num_thing_classes=t,
+            with_stuff=with_stuff,
+        )
+
+    rank = [("rank", {"ignore_index": 255})] if panoptic else []
+    weights = {
+        "loss_cls": k.CLASS_WEIGHT,
+        "loss_mask": k.MASK_WEIGHT,
+        "loss_dice": k.DICE_WEIGHT,
+        "loss_seg": k.SEG_WEIGHT,
+    }
+    if panoptic:
+        weights["loss_rank"] = k.RANK_WEIGHT
+    mask_terms = ["mask_bce", ("mask_dice", {"form": "squared", "eps": 1e-3})]
+    rpn_terms = [*mask_terms, ("knet_semantic_seg", {"num_thing_classes": t, **focal}), *rank]
+    rpn_criterion = SetCriterion(
+        matcher(False, False),
+        num_classes,
+        rpn_terms,
+        {key: w for key, w in weights.items() if key != "loss_cls"},
+        normalizer="num_matched",
+        key_style="stage",
+        stage_offset=0,
+    )
+    num_stages = k.NUM_STAGES
+    if len(k.STAGE_LOSS_WEIGHTS) != num_stages:
+        raise ValueError(
+            f"MODEL.KNET.STAGE_LOSS_WEIGHTS has {len(k.STAGE_LOSS_WEIGHTS)} entries for "
+            f"NUM_STAGES={num_stages}"
+        )
+    cls_term = ("knet_labels_focal", {"num_proposals": n, "num_thing_classes": t, **focal})
+    criterion = SetCriterion(
+        matcher(True, panoptic),
+        num_classes,
+        [cls_term, *mask_terms, *rank],
+        {key: w for key, w in weights.items() if key != "loss_seg"},
+        normalizer="num_matched",
+        key_style="stage",
+        stage_offset=1,
+        stage_loss_weights=k.STAGE_LOSS_WEIGHTS,
+        match_previous_stage=True,
+        stage_matchers=[matcher(False, panoptic)] + [None] * (num_stages - 1),
+    )
+    return rpn_criterion, criterion
+
+
+def _merge_stuff(labels: Tensor, masks: Tensor, is_thing: Tensor) -> tuple[Tensor, Tensor]:
+    """Things first (as given), then one union mask per stuff class present.
+
+    Returns:
+        labels [G'] and masks [G', H, W] (bool).
+    """
+    stuff_labels = labels[~is_thing]
+    classes = torch.unique(stuff_labels)
+    stuff_masks = [masks[~is_thing][stuff_labels == c].any(dim=0) for c in classes]
+    out_masks = masks[is_thing]
+    if stuff_masks:
+        out_masks = torch.cat([out_masks, torch.stack(stuff_masks)])
+    return torch.cat([labels[is_thing], classes]), out_masks
+
+
+def _check_labels(labels: Tensor, num_things: int, num_stuff: int, panoptic: bool) -> None:
+    if labels.numel() == 0:
+        return
+    if int(labels.min()) < 0 or int(labels.max()) >= num_things + num_stuff:
+        what = f"{num_things} thing + {num_stuff} stuff" if panoptic else f"{num_things}"
+        raise ValueError(
+            f"ground-truth class ids span [{int(labels.min())}, {int(labels.max())}] but the "
+            f"model predicts {what} classes (MODEL.KNET.NUM_THING_CLASSES/NUM_STUFF_CLASSES)"
+        )
+
+
+def _check_metadata(cfg: CfgNode, num_things: int, num_stuff: int, panoptic: bool) -> None:
+    """Class counts vs the training set's metadata, when it is registered."""
+    for name in cfg.DATASETS.TRAIN[:1]:
+        meta = MetadataCatalog.get(name)
+        things = getattr(meta, "thing_classes", None)
+        if things is not None and len(things) != num_things:
+            raise ValueError(
+                f"MODEL.KNET.NUM_THING_CLASSES={num_things} but dataset {name!r} has "
+                f"{len(things)} thing classes"
+            )
+        stuff = getattr(meta, "stuff_classes", None)
+        if panoptic and things is not None and stuff is not None:
+            if len(stuff) - len(things) != num_stuff:
+                raise ValueError(
+                    f"MODEL.KNET.NUM_STUFF_CLASSES={num_stuff} but dataset {name!r} has "
+                    f"{len(stuff) - len(things)} stuff classes"
+                )

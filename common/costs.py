@@ -102,20 +102,21 @@ def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(masks[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
-def _dense_pair(pred: dict[str, Any], target: dict[str, Any], cache: dict) -> tuple[Tensor, Tensor]:
-    """[Q, h*w] mask logits and [G, h*w] targets resized to the prediction size (cached)."""
+def _dense_pair(
+    pred: dict[str, Any], target: dict[str, Any], cache: dict
+) -> tuple[Tensor, Tensor, tuple]:
+    """[Q, h*w] mask logits, [G, h*w] targets resized to the prediction size (cached), cache key."""
     logits = pred["pred_masks"]
-    size = tuple(logits.shape[-2:])
-    key = ("dense_targets", size)
+    key = ("dense", tuple(logits.shape[-2:]))
     if key not in cache:
-        cache[key] = resize_masks(target["masks"], size).flatten(1)
-    return logits.flatten(1), cache[key]
+        cache[key] = (logits.flatten(1), resize_masks(target["masks"], key[1]).flatten(1))
+    return (*cache[key], key)
 
 
 def _point_pair(
     pred: dict[str, Any], target: dict[str, Any], cache: dict, num_points: int
-) -> tuple[Tensor, Tensor]:
-    """[Q, P] mask logits and [G, P] targets at P shared uniform random points (cached)."""
+) -> tuple[Tensor, Tensor, tuple]:
+    """[Q, P] mask logits, [G, P] targets at P shared uniform random points (cached), cache key."""
     key = ("points", num_points)
     if key not in cache:
         logits = pred["pred_masks"]
@@ -124,15 +125,26 @@ def _point_pair(
             sample_channels_at_points(logits, coords),
             sample_channels_at_points(target["masks"].to(logits.device), coords),
         )
-    return cache[key]
+    return (*cache[key], key)
+
+
+def _prob_dot(logits: Tensor, tgt: Tensor, cache: dict, key: tuple) -> tuple[Tensor, Tensor]:
+    """``p = sigmoid(logits)`` [Q, N] and ``p @ t.T`` [Q, G], shared by the mask terms."""
+    cache_key = ("prob_dot", *key)
+    if cache_key not in cache:
+        prob = logits.sigmoid()
+        cache[cache_key] = (prob, prob @ tgt.T)
+    return cache[cache_key]
 
 
 def _bce_cost(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean BCE over the columns for every (prediction, target) pair: [Q, P] x [G, P] -> [Q, G]."""
+    """Mean BCE over the columns for every (prediction, target) pair: [Q, N] x [G, N] -> [Q, G].
+
+    Uses ``BCE(x, t) = softplus(x) - x t`` (so ``BCE(x, 1) - BCE(x, 0) = -x``): one matmul
+    instead of Mask2Former's two, same values.
+    """
     num = max(logits.shape[1], 1)
-    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    return (pos @ targets.T + neg @ (1 - targets).T) / num
+    return (F.softplus(logits).sum(1)[:, None] - logits @ targets.T) / num
 
 
 @register_cost_term("focal_class")
@@ -174,10 +186,12 @@ class MaskAgreementCost(CostTerm):
     required_keys = ("pred_masks",)
 
     def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
-        logits, tgt = _dense_pair(pred, target, cache)
-        prob = logits.sigmoid()
-        num = max(prob.shape[1], 1)
-        return -(prob @ tgt.T + (1 - prob) @ (1 - tgt).T) / num
+        logits, tgt, key = _dense_pair(pred, target, cache)
+        prob, pt = _prob_dot(logits, tgt, cache, key)
+        num = prob.shape[1]
+        # sum p t + sum (1-p)(1-t) = 2 sum p t - sum p - sum t + N
+        agree = 2 * pt - prob.sum(1)[:, None] - tgt.sum(1)[None, :] + num
+        return -agree / max(num, 1)
 
 
 @register_cost_term("mask_bce")
@@ -187,7 +201,8 @@ class MaskBCECost(CostTerm):
     required_keys = ("pred_masks",)
 
     def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
-        return _bce_cost(*_dense_pair(pred, target, cache))
+        logits, tgt, _ = _dense_pair(pred, target, cache)
+        return _bce_cost(logits, tgt)
 
 
 @register_cost_term("dice_sq")
@@ -203,16 +218,16 @@ class SquaredDiceCost(CostTerm):
         self.eps = eps
 
     def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
-        logits, tgt = _dense_pair(pred, target, cache)
-        prob = logits.sigmoid()
+        logits, tgt, key = _dense_pair(pred, target, cache)
+        prob, pt = _prob_dot(logits, tgt, cache, key)
         den = (prob * prob).sum(1)[:, None] + self.eps + (tgt * tgt).sum(1)[None, :] + self.eps
-        return -2 * (prob @ tgt.T) / den
+        return -2 * pt / den
 
 
-def _plain_dice_cost(logits: Tensor, tgt: Tensor, eps: float) -> Tensor:
-    prob = logits.sigmoid()
+def _plain_dice_cost(logits: Tensor, tgt: Tensor, key: tuple, cache: dict, eps: float) -> Tensor:
+    prob, pt = _prob_dot(logits, tgt, cache, key)
     den = prob.sum(1)[:, None] + tgt.sum(1)[None, :]
-    return 1 - (2 * (prob @ tgt.T) + eps) / (den + eps)
+    return 1 - (2 * pt + eps) / (den + eps)
 
 
 @register_cost_term("dice")
@@ -225,7 +240,7 @@ class DiceCost(CostTerm):
         self.eps = eps
 
     def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
-        return _plain_dice_cost(*_dense_pair(pred, target, cache), self.eps)
+        return _plain_dice_cost(*_dense_pair(pred, target, cache), cache, self.eps)
 
 
 @register_cost_term("point_bce")
@@ -239,7 +254,8 @@ class PointBCECost(CostTerm):
         self.num_points = num_points
 
     def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
-        return _bce_cost(*_point_pair(pred, target, cache, self.num_points))
+        logits, tgt, _ = _point_pair(pred, target, cache, self.num_points)
+        return _bce_cost(logits, tgt)
 
 
 @register_cost_term("point_dice")
@@ -252,7 +268,8 @@ class PointDiceCost(CostTerm):
         self.num_points, self.eps = num_points, eps
 
     def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
-        return _plain_dice_cost(*_point_pair(pred, target, cache, self.num_points), self.eps)
+        pair = _point_pair(pred, target, cache, self.num_points)
+        return _plain_dice_cost(*pair, cache, self.eps)
 
 
 @register_cost_term("box_l1")

@@ -14,6 +14,16 @@ from common.criterion import SetCriterion, reduce_normalizer
 from common.loss_terms import LossTerm, register_loss_term
 from common.matcher import HungarianMatcher
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny problems only lose to OpenMP spin on a shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 C = 3
 HW = (8, 8)
 GT_HW = (32, 32)

@@ -11,6 +11,16 @@ from torch.nn import functional as F
 from common import losses as L
 from common import point_sampling as PS
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny problems only lose to OpenMP spin on a shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 LN2 = math.log(2.0)
 
 

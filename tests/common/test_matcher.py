@@ -14,6 +14,16 @@ from common import losses as L
 from common.costs import CostTerm, register_cost_term
 from common.matcher import HungarianMatcher, proposal_match_outputs
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny problems only lose to OpenMP spin on a shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 NUM_CLASSES = 4
 PRED_HW = (8, 8)
 GT_HW = (24, 20)  # a different resolution: costs resize or point-sample

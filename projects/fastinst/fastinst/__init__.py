@@ -1,0 +1,23 @@
+"""FastInst (CVPR 2023) as a QuerySeg/Detectron2 project.
+
+Importing the package registers the ``FastInst`` meta-architecture, the ``FastInstHead`` and the
+``PyramidPoolingModuleFPN``/``BaseFPN`` pixel decoders; ``add_fastinst_config`` adds
+``MODEL.FASTINST.*``.
+"""
+
+from . import fastinst as _meta_arch  # noqa: F401  (registers FastInst)
+from . import head as _head  # noqa: F401  (registers FastInstHead)
+from . import pixel_decoder as _pixel_decoder  # noqa: F401  (registers the FPNs)
+from .config import add_fastinst_config
+from .decoder import FastInstDecoder
+from .fastinst import FastInst, build_fastinst_criterion
+from .query_proposal import QueryProposal, local_maximum_map
+
+__all__ = [
+    "add_fastinst_config",
+    "FastInst",
+    "FastInstDecoder",
+    "QueryProposal",
+    "build_fastinst_criterion",
+    "local_maximum_map",
+]

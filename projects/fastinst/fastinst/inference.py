@@ -1,0 +1,136 @@
+"""Mask2Former-style post-processing of FastInst's (class, mask) query predictions.
+
+Provenance: as the official ``FastInst.{instance,semantic,panoptic}_inference``; differences:
+instance boxes are derived from the binary masks (the official code returns all-zero boxes),
+``pred_masks`` are bool (Detectron2's Mask R-CNN convention), top-k is clipped to Q x C, and
+"thing" classes come from the metadata's thing list when the id map is absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+from detectron2.structures import BitMasks, Boxes, Instances
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = ["instance_inference", "semantic_inference", "panoptic_inference", "thing_class_ids"]
+
+
+def thing_class_ids(metadata) -> set[int]:
+    """Contiguous ids of "thing" classes from Detectron2 metadata (things come first)."""
+    id_map = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
+    if id_map:
+        return set(int(v) for v in id_map.values())
+    return set(range(len(getattr(metadata, "thing_classes", []) or [])))
+
+
+def instance_inference(
+    mask_cls: Tensor,
+    mask_pred: Tensor,
+    *,
+    topk: int,
+    keep_classes: Collection[int] | None = None,
+) -> Instances:
+    """Top-k (query, class) pairs by class probability; score = class prob x mean mask prob
+    inside the binary mask; no NMS.
+
+    Args:
+        mask_cls: [Q, C+1] class logits (no-object last).
+        mask_pred: [Q, H, W] mask logits at the output resolution.
+        topk: detections per image (clipped to Q * C).
+        keep_classes: if given (panoptic models), drop detections of other classes.
+    Returns:
+        Instances of image size (H, W) with ``pred_masks`` [N, H, W] bool, ``pred_boxes``
+        (from the masks), ``scores`` [N], ``pred_classes`` [N].
+    """
+    num_classes = mask_cls.shape[1] - 1
+    scores = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
+    k = min(topk, scores.numel())
+    top_scores, top_idx = scores.flatten().topk(k, sorted=False)
+    labels = top_idx % num_classes
+    query_idx = top_idx // num_classes
+    if keep_classes is not None:
+        allowed = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
+        allowed[[c for c in keep_classes if c < num_classes]] = True
+        keep = allowed[labels]
+        top_scores, labels, query_idx = top_scores[keep], labels[keep], query_idx[keep]
+    probs = mask_pred[query_idx].float().sigmoid()
+    binary = probs > 0.5
+    mask_scores = (probs * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+
+    result = Instances(tuple(mask_pred.shape[-2:]))
+    result.pred_masks = binary
+    result.pred_boxes = BitMasks(binary).get_bounding_boxes().to(binary.device)
+    if len(query_idx) == 0:
+        result.pred_boxes = Boxes(torch.zeros(0, 4, device=mask_pred.device))
+    result.scores = top_scores * mask_scores
+    result.pred_classes = labels
+    return result
+
+
+def semantic_inference(mask_cls: Tensor, mask_pred: Tensor) -> Tensor:
+    """Per-class score map: sum over queries of class prob x mask prob.
+
+    Args:
+        mask_cls: [Q, C+1] class logits; mask_pred: [Q, H, W] mask logits.
+    Returns:
+        [C, H, W].
+    """
+    probs = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
+    return torch.einsum("qc,qhw->chw", probs, mask_pred.float().sigmoid())
+
+
+def panoptic_inference(
+    mask_cls: Tensor,
+    mask_pred: Tensor,
+    *,
+    object_mask_threshold: float,
+    overlap_threshold: float,
+    thing_ids: Collection[int],
+) -> tuple[Tensor, list[dict]]:
+    """Mask2Former's panoptic merge: keep confident non-background queries, assign each pixel to
+    the query maximising score x mask prob, drop segments that keep less than
+    ``overlap_threshold`` of their own mask, merge stuff segments of the same class.
+
+    Args:
+        mask_cls: [Q, C+1] class logits; mask_pred: [Q, H, W] mask logits.
+        thing_ids: contiguous ids of thing classes.
+    Returns:
+        (panoptic_seg [H, W] int32 with 0 = void, segments_info list of dicts with
+        ``id``, ``isthing``, ``category_id``).
+    """
+    num_classes = mask_cls.shape[-1] - 1
+    scores, labels = F.softmax(mask_cls.float(), dim=-1).max(-1)
+    masks = mask_pred.float().sigmoid()
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], masks[keep]
+    h, w = masks.shape[-2:]
+    panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=masks.device)
+    segments_info: list[dict] = []
+    if cur_masks.shape[0] == 0:
+        return panoptic_seg, segments_info
+
+    mask_ids = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
+    stuff_segment_ids: dict[int, int] = {}
+    segment_id = 0
+    for k in range(cur_classes.shape[0]):
+        pred_class = int(cur_classes[k])
+        is_thing = pred_class in thing_ids
+        original = cur_masks[k] >= 0.5
+        mask = (mask_ids == k) & original
+        mask_area, original_area = int((mask_ids == k).sum()), int(original.sum())
+        if mask_area == 0 or original_area == 0 or not bool(mask.any()):
+            continue
+        if mask_area / original_area < overlap_threshold:
+            continue
+        if not is_thing and pred_class in stuff_segment_ids:
+            panoptic_seg[mask] = stuff_segment_ids[pred_class]
+            continue
+        segment_id += 1
+        if not is_thing:
+            stuff_segment_ids[pred_class] = segment_id
+        panoptic_seg[mask] = segment_id
+        segments_info.append({"id": segment_id, "isthing": is_thing, "category_id": pred_class})
+    return panoptic_seg, segments_info

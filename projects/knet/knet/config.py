@@ -18,16 +18,13 @@ def add_knet_config(cfg: CN) -> None:
     k.NUM_THING_CLASSES = 80
     # Number of stuff classes (53 on COCO panoptic); used only when TASK is "panoptic".
     k.NUM_STUFF_CLASSES = 53
-    # Bottom-up network under the FPN of the "build_knet_fpn_backbone" backbone (any
-    # BACKBONE_REGISTRY name returning res2..res5-like maps, e.g. "build_swin_backbone").
-    k.BOTTOM_UP = "build_resnet_backbone"
-    # Backbone/FPN feature maps the semantic-FPN neck reads, finest first (strides 4..32).
-    k.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    # Backbone maps fed to the FPN neck (P2..P5), finest first (strides 4..32).
+    k.IN_FEATURES = ["res2", "res3", "res4", "res5"]
     # Number of learned (thing) kernels N.
     k.NUM_PROPOSALS = 100
     # Number of kernel update heads S (iterations after the stage-0 kernels).
     k.NUM_STAGES = 3
-    # Channels C of the kernels and of the feature map the heads read.
+    # Channels C of the FPN, the kernels and the feature map the heads read.
     k.HIDDEN_DIM = 256
     # Spatial size K of every kernel (1 in all released configs).
     k.CONV_KERNEL_SIZE = 1

@@ -18,6 +18,7 @@ from common.matcher import HungarianMatcher
 from .kernel_head import ConvKernelHead
 from .kernel_update_head import KernelUpdateHead
 from .losses import KNetMatcher
+from .neck import FPNNeck
 from .postprocessing import instance_inference, panoptic_inference
 
 
@@ -25,7 +26,8 @@ from .postprocessing import instance_inference, panoptic_inference
 class KNet(nn.Module):
     """K-Net: Towards Unified Image Segmentation (Zhang et al., NeurIPS 2021), detection codebase.
 
-    Backbone + FPN -> :class:`ConvKernelHead` (stage 0) -> S :class:`KernelUpdateHead` s.
+    Backbone -> FPN neck (P2..P5) -> :class:`ConvKernelHead` (stage 0) -> S
+    :class:`KernelUpdateHead` s.
     Differs from ZwwWayne/K-Net only where the README says (mask-derived boxes, Detectron2
     panoptic format, no 2-images-per-GPU target bug, Detectron2 FPN init).
     """
@@ -35,6 +37,7 @@ class KNet(nn.Module):
         self,
         *,
         backbone: Backbone,
+        neck: FPNNeck,
         kernel_head: ConvKernelHead,
         kernel_update_heads: list[KernelUpdateHead],
         rpn_criterion: SetCriterion,
@@ -55,7 +58,8 @@ class KNet(nn.Module):
     ):
         """
         Args:
-            backbone: returns the maps named ``in_features`` (P2..P5).
+            backbone: returns the maps named ``in_features`` (res2..res5).
+            neck: FPN over those maps (P2..P5).
             kernel_head: stage 0 (semantic-FPN neck, initial kernels and masks).
             kernel_update_heads: the S update stages.
             rpn_criterion: losses of stage 0 (mask, dice, semantic, rank), own matching.
@@ -72,6 +76,7 @@ class KNet(nn.Module):
         """
         super().__init__()
         self.backbone = backbone
+        self.neck = neck
         self.kernel_head = kernel_head
         self.kernel_update_heads = nn.ModuleList(kernel_update_heads)
         self.rpn_criterion = rpn_criterion
@@ -107,14 +112,17 @@ class KNet(nn.Module):
             raise KeyError(
                 f"MODEL.KNET.IN_FEATURES {missing} not in backbone outputs {sorted(shapes)}"
             )
-        channels = {shapes[f].channels for f in k.IN_FEATURES}
-        if len(channels) != 1:
-            raise ValueError(f"K-Net needs equal-width FPN inputs, got {channels}")
+        strides = [shapes[f].stride for f in k.IN_FEATURES]
+        if any(b != 2 * a for a, b in zip(strides, strides[1:])):
+            raise ValueError(f"MODEL.KNET.IN_FEATURES must have doubling strides, got {strides}")
+        neck = FPNNeck(
+            in_channels=[shapes[f].channels for f in k.IN_FEATURES], out_channels=k.HIDDEN_DIM
+        )
         kernel_head = ConvKernelHead(
             num_proposals=k.NUM_PROPOSALS,
             num_classes=num_classes,
             num_levels=len(k.IN_FEATURES),
-            in_channels=channels.pop(),
+            in_channels=k.HIDDEN_DIM,
             channels=k.HIDDEN_DIM,
             conv_kernel_size=k.CONV_KERNEL_SIZE,
             neck_out_level=k.NECK_OUT_LEVEL,
@@ -140,6 +148,7 @@ class KNet(nn.Module):
         rpn_criterion, criterion = build_knet_criteria(cfg, num_classes, panoptic)
         return {
             "backbone": backbone,
+            "neck": neck,
             "kernel_head": kernel_head,
             "kernel_update_heads": heads,
             "rpn_criterion": rpn_criterion,
@@ -150,7 +159,7 @@ class KNet(nn.Module):
             "panoptic": panoptic,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "size_divisibility": max(backbone.size_divisibility, cfg.INPUT.SIZE_DIVISIBILITY, 1),
+            "size_divisibility": max(strides[-1], cfg.INPUT.SIZE_DIVISIBILITY),
             "mask_upsample_stride": k.MASK_UPSAMPLE_STRIDE,
             "mask_assign_stride": k.MASK_ASSIGN_STRIDE,
             "max_per_image": k.TEST.MAX_PER_IMAGE,
@@ -178,7 +187,7 @@ class KNet(nn.Module):
         """
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        stage0 = self.kernel_head([features[f] for f in self.in_features])
+        stage0 = self.kernel_head(self.neck([features[f] for f in self.in_features]))
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
             rpn_outputs, outputs = self.forward_train_stages(stage0)
@@ -395,19 +404,24 @@ def _check_labels(labels: Tensor, num_things: int, num_stuff: int, panoptic: boo
 
 
 def _check_metadata(cfg: CfgNode, num_things: int, num_stuff: int, panoptic: bool) -> None:
-    """Class counts vs the training set's metadata, when it is registered."""
+    """Class counts vs the training set's metadata, when it is registered.
+
+    Things are counted by ``thing_dataset_id_to_contiguous_id`` (Detectron2's standard COCO
+    panoptic metadata lists all 133 names in ``thing_classes``), the panoptic total by
+    ``stuff_classes`` (which lists every class in the standard registration).
+    """
     for name in cfg.DATASETS.TRAIN[:1]:
         meta = MetadataCatalog.get(name)
-        things = getattr(meta, "thing_classes", None)
-        if things is not None and len(things) != num_things:
+        id_map = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
+        things = len(id_map) if id_map else len(getattr(meta, "thing_classes", None) or [])
+        if things and things != num_things:
             raise ValueError(
                 f"MODEL.KNET.NUM_THING_CLASSES={num_things} but dataset {name!r} has "
-                f"{len(things)} thing classes"
+                f"{things} thing classes"
             )
-        stuff = getattr(meta, "stuff_classes", None)
-        if panoptic and things is not None and stuff is not None:
-            if len(stuff) - len(things) != num_stuff:
-                raise ValueError(
-                    f"MODEL.KNET.NUM_STUFF_CLASSES={num_stuff} but dataset {name!r} has "
-                    f"{len(stuff) - len(things)} stuff classes"
-                )
+        total = len(getattr(meta, "stuff_classes", None) or [])
+        if panoptic and things and total and total - things != num_stuff:
+            raise ValueError(
+                f"MODEL.KNET.NUM_STUFF_CLASSES={num_stuff} but dataset {name!r} has "
+                f"{total - things} stuff classes"
+            )

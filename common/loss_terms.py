@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from common.costs import resize_masks
 from common.losses import (
@@ -30,12 +29,16 @@ from common.losses import (
     knet_rank_targets,
     l1_box_loss,
     normalize_boxes,
-    point_sampled_mask_losses,
     rank_loss,
     sigmoid_focal_loss,
     softmax_ce_loss,
 )
 from common.matcher import HungarianMatcher, proposal_match_outputs
+from common.point_sampling import (
+    calculate_uncertainty,
+    get_uncertain_point_coords_with_randomness,
+    point_sample,
+)
 
 __all__ = [
     "LOSS_TERMS",
@@ -45,6 +48,7 @@ __all__ = [
     "src_permutation_idx",
     "matched_labels",
     "matched_target_masks",
+    "sample_matched_target_masks",
     "FocalLabelsLoss",
     "SoftmaxLabelsLoss",
     "PointMaskLoss",
@@ -138,7 +142,11 @@ def matched_target_masks(
     out = []
     for t, (_, tgt_idx) in zip(targets, indices):
         masks = t["masks"]
-        out.append(resize_masks(masks[tgt_idx.to(masks.device)], size))
+        tgt_idx = tgt_idx.to(masks.device)
+        if 2 * tgt_idx.numel() >= masks.shape[0]:  # resize first: no full-resolution copy
+            out.append(resize_masks(masks, size)[tgt_idx])
+        else:
+            out.append(resize_masks(masks[tgt_idx], size))
     if not out:
         return torch.zeros((0, *size))
     return torch.cat(out)
@@ -221,29 +229,68 @@ class PointMaskLoss(LossTerm):
     def __call__(self, outputs, targets, indices, num_targets):
         masks = outputs["pred_masks"]
         b_idx, q_idx = src_permutation_idx(indices, masks.device)
-        src = masks[b_idx, q_idx]
-        tgt = _matched_masks_full_res(targets, indices, masks)
-        bce, dice = point_sampled_mask_losses(
-            src.float(),
-            tgt,
-            num_points=self.num_points,
-            oversample_ratio=self.oversample_ratio,
-            importance_sample_ratio=self.importance_sample_ratio,
-            avg_factor=num_targets,
-        )
-        return {"loss_mask": bce, "loss_dice": dice}
+        src = masks[b_idx, q_idx].float()[:, None]  # [M, 1, h, w]
+        if src.shape[0] == 0:
+            zero = masks.sum() * 0.0
+            return {"loss_mask": zero, "loss_dice": zero.clone()}
+        with torch.no_grad():
+            coords = get_uncertain_point_coords_with_randomness(
+                src.detach(),
+                calculate_uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+            )
+            labels = sample_matched_target_masks(targets, indices, coords)
+        point_logits = point_sample(src, coords)[:, 0]
+        return {
+            "loss_mask": bce_with_logits_loss(point_logits, labels, avg_factor=num_targets),
+            "loss_dice": dice_loss(
+                point_logits, labels, form="plain", eps=1.0, avg_factor=num_targets
+            ),
+        }
 
 
-def _matched_masks_full_res(targets, indices, like: Tensor) -> Tensor:
-    """Matched GT masks at their own resolution (zero-padded to the largest one in the batch,
-    bottom/right, like Mask2Former's nested tensor): [M, H, W] float on ``like``'s device."""
-    picked = [t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)]
-    h = max([int(t["masks"].shape[-2]) for t in targets] + [1])
-    w = max([int(t["masks"].shape[-1]) for t in targets] + [1])
-    out = [F.pad(p.float(), (0, w - p.shape[-1], 0, h - p.shape[-2])) for p in picked]
+def sample_matched_target_masks(
+    targets: Sequence[Mapping[str, Any]], indices: Indices, coords: Tensor
+) -> Tensor:
+    """Bilinearly sample each matched GT mask at its own points, without copying the masks.
+
+    Coordinates are normalised to the batch frame (the largest mask size in the batch, masks
+    zero-padded bottom/right, as Mask2Former's nested tensor); a smaller image's coordinates
+    are rescaled, which gives the same values as padding it. When an image's targets are all
+    matched, the masks are sampled in place (a view) with the points permuted instead.
+
+    Args:
+        targets: B dicts with ``masks`` [G_b, H_b, W_b].
+        indices: B matchings (query_idx, target_idx).
+        coords: [M, P, 2] normalised (x, y), rows in :func:`src_permutation_idx` order.
+
+    Returns:
+        [M, P] float32 sampled targets on ``coords.device``.
+    """
+    height = max(int(t["masks"].shape[-2]) for t in targets)
+    width = max(int(t["masks"].shape[-1]) for t in targets)
+    out, start = [], 0
+    for t, (_, tgt_idx) in zip(targets, indices):
+        num = int(tgt_idx.numel())
+        if num == 0:
+            continue
+        masks = t["masks"].to(coords.device)
+        masks = masks if masks.is_floating_point() else masks.float()
+        scale = coords.new_tensor([width / masks.shape[-1], height / masks.shape[-2]])
+        pts = coords[start : start + num] * scale
+        tgt_idx = tgt_idx.to(coords.device)
+        if num == masks.shape[0]:  # a permutation: sample in place, permute the points
+            order = torch.argsort(tgt_idx)
+            sampled = point_sample(masks[:, None].float(), pts[order])[:, 0][tgt_idx]
+        else:
+            sampled = point_sample(masks[tgt_idx][:, None].float(), pts)[:, 0]
+        out.append(sampled)
+        start += num
     if not out:
-        return like.new_zeros((0, h, w), dtype=torch.float32)
-    return torch.cat(out).to(like.device, torch.float32)
+        return coords.new_zeros(coords.shape[:2])
+    return torch.cat(out)
 
 
 class _DenseMaskBase(LossTerm):

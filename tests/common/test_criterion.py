@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn import functional as F
 
 from common.criterion import SetCriterion, reduce_normalizer
-from common.loss_terms import LossTerm, register_loss_term
+from common.loss_terms import LossTerm, register_loss_term, sample_matched_target_masks
+from common.losses import point_sampled_mask_losses
 from common.matcher import HungarianMatcher
+from common.point_sampling import point_sample
 
 
 @pytest.fixture(autouse=True)
@@ -326,3 +329,48 @@ def test_normaliser_same_with_one_and_two_processes():
         assert res["normaliser"] == pytest.approx(sum(COUNTS) / 2)
         for n in ("num_targets", "num_matched"):
             assert res[n] == pytest.approx(single[n], rel=1e-5)
+
+
+def test_point_target_sampling_equals_padded_batch():
+    """Sampling in place (permuted points, rescaled coords) == Mask2Former's padded copy."""
+    g = torch.Generator().manual_seed(21)
+    targets = [
+        {"masks": torch.rand(3, 20, 16, generator=g)},  # all matched: in-place path
+        {"masks": (torch.rand(5, 24, 12, generator=g) > 0.5)},  # partial, bool, other size
+    ]
+    indices = [
+        (torch.tensor([0, 2, 4]), torch.tensor([2, 0, 1])),
+        (torch.tensor([1, 3]), torch.tensor([4, 1])),
+    ]
+    coords = torch.rand(5, 40, 2, generator=g)
+    ours = sample_matched_target_masks(targets, indices, coords)
+    padded = [
+        F.pad(t["masks"].float(), (0, 16 - t["masks"].shape[-1], 0, 24 - t["masks"].shape[-2]))
+        for t in targets
+    ]
+    picked = torch.cat([p[j] for p, (_, j) in zip(padded, indices)])
+    ref = point_sample(picked[:, None], coords)[:, 0]
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_point_mask_term_equals_pure_function():
+    term = SetCriterion(
+        HungarianMatcher([("dice", 1.0)]),
+        C,
+        ["masks_point"],
+        {"loss_mask": 1.0, "loss_dice": 1.0},
+        loss_kwargs={"masks_point": {"num_points": 64}},
+    ).terms[0]
+    outputs = _pred(2, 4, C, seed=2)
+    targets = _targets([2, 3], seed=3)
+    indices = [
+        (torch.tensor([1, 3]), torch.tensor([1, 0])),
+        (torch.tensor([0, 2]), torch.tensor([2, 0])),
+    ]
+    torch.manual_seed(5)
+    got = term(outputs, targets, indices, 2.5)
+    torch.manual_seed(5)
+    src = torch.cat([outputs["pred_masks"][b, s] for b, (s, _) in enumerate(indices)])
+    tgt = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)])
+    bce, dice = point_sampled_mask_losses(src, tgt, num_points=64, avg_factor=2.5)
+    assert torch.allclose(got["loss_mask"], bce) and torch.allclose(got["loss_dice"], dice)

@@ -123,7 +123,7 @@ def _point_pair(
         coords = uniform_point_coords(num_points, logits.device)
         cache[key] = (
             sample_channels_at_points(logits, coords),
-            sample_channels_at_points(target["masks"].to(logits.device), coords),
+            sample_channels_at_points(target["masks"].to(logits.device, torch.float32), coords),
         )
     return (*cache[key], key)
 
@@ -311,7 +311,8 @@ class LocationCost(CostTerm):
 
     def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
         loc = pred["pred_locations"]
-        inside = sample_channels_at_points(target["masks"].to(loc.device), loc) > 0  # [G, Q]
+        masks = target["masks"].to(loc.device, torch.float32)
+        inside = sample_channels_at_points(masks, loc) > 0  # [G, Q]
         return -inside.T.to(loc.dtype)
 
 

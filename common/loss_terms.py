@@ -276,16 +276,15 @@ def sample_matched_target_masks(
         num = int(tgt_idx.numel())
         if num == 0:
             continue
-        masks = t["masks"].to(coords.device)
-        masks = masks if masks.is_floating_point() else masks.float()
+        masks = t["masks"].to(coords.device, torch.float32)  # no copy if already fp32
         scale = coords.new_tensor([width / masks.shape[-1], height / masks.shape[-2]])
         pts = coords[start : start + num] * scale
         tgt_idx = tgt_idx.to(coords.device)
         if num == masks.shape[0]:  # a permutation: sample in place, permute the points
             order = torch.argsort(tgt_idx)
-            sampled = point_sample(masks[:, None].float(), pts[order])[:, 0][tgt_idx]
+            sampled = point_sample(masks[:, None], pts[order])[:, 0][tgt_idx]
         else:
-            sampled = point_sample(masks[tgt_idx][:, None].float(), pts)[:, 0]
+            sampled = point_sample(masks[tgt_idx][:, None], pts)[:, 0]
         out.append(sampled)
         start += num
     if not out:

@@ -293,3 +293,18 @@ def test_registry_errors_and_custom_term():
         outputs = _make_outputs(1, 4, seed=0)
         del outputs["pred_locations"]
         HungarianMatcher([("location", 1.0)])(outputs, [_make_target(2, 0)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    outputs = _make_outputs(2, 6, seed=9)
+    targets = [_make_target(4, 1), _make_target(0, 2)]
+    matcher = HungarianMatcher(MIXES["knet"] + MIXES["queryinst"][1:] + [("location", 1000.0)])
+    cpu = matcher(outputs, targets)
+    dev = torch.device("cuda")
+    cuda_targets = [{k: v.to(dev) for k, v in t.items()} for t in targets]
+    with torch.autocast("cuda", dtype=torch.float16):
+        gpu = matcher({k: v.to(dev).half() for k, v in outputs.items()}, cuda_targets)
+    for (r1, c1), (r2, c2) in zip(cpu, gpu):
+        assert r2.device.type == "cpu" and torch.equal(r1, r2) and torch.equal(c1, c2)

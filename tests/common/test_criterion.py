@@ -195,18 +195,24 @@ class _RecordingMatcher:
         return [(torch.arange(len(t["labels"])), torch.arange(len(t["labels"]))) for t in targets]
 
 
+_SEEN_INDICES = []
+
+
+@register_loss_term("test_capture_indices")
+class _CaptureIndices(LossTerm):
+    """Test-only term: records the matchings it receives."""
+
+    keys = ("loss_capture",)
+
+    def __call__(self, outputs, targets, indices, num_targets):
+        _SEEN_INDICES.append([(s.tolist(), t.tolist()) for s, t in indices])
+        return {"loss_capture": outputs["pred_logits"].sum() * 0}
+
+
 def test_fixed_matching_and_match_hooks():
+    _SEEN_INDICES.clear()
+    seen = _SEEN_INDICES
     rec = _RecordingMatcher()
-    seen = []
-
-    @register_loss_term("test_capture_indices")
-    class _Capture(LossTerm):
-        keys = ("loss_capture",)
-
-        def __call__(self, outputs, targets, indices, num_targets):
-            seen.append([(s.tolist(), t.tolist()) for s, t in indices])
-            return {"loss_capture": outputs["pred_logits"].sum() * 0}
-
     targets = _targets([2, 1], seed=9)
     fixed = [(torch.tensor([3, 1]), torch.tensor([0, 1])), (torch.tensor([2]), torch.tensor([0]))]
     outputs = _pred(2, 4, C, seed=1)

@@ -272,15 +272,18 @@ def test_fp32_under_autocast_and_half_inputs():
     assert got[0][0].numel() == ref[0][0].numel() == 3
 
 
+@register_cost_term("test_constant_diag")
+class _DiagCost(CostTerm):
+    """Test-only term: -1 on the diagonal, so the matching is (i, i)."""
+
+    required_keys = ("pred_logits",)
+
+    def __call__(self, pred, target, cache):
+        q, g = pred["pred_logits"].shape[0], target["labels"].shape[0]
+        return -torch.eye(q, g)
+
+
 def test_registry_errors_and_custom_term():
-    @register_cost_term("test_constant_diag")
-    class _Diag(CostTerm):
-        required_keys = ("pred_logits",)
-
-        def __call__(self, pred, target, cache):
-            q, g = pred["pred_logits"].shape[0], target["labels"].shape[0]
-            return -torch.eye(q, g)
-
     ((rows, cols),) = HungarianMatcher([("test_constant_diag", 1.0)])(
         _make_outputs(1, 4, seed=0), [_make_target(3, 0)]
     )

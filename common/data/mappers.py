@@ -157,6 +157,10 @@ class InstanceDatasetMapper(_BaseMapper):
         if not self.is_train:
             return dataset_dict
         annos = [utils.transform_instance_annotations(a, transforms, image_shape) for a in annos]
+        if not annos:  # an image without things still trains (empty targets)
+            empty = np.zeros((0, *image_shape), bool)
+            dataset_dict["instances"] = _masks_to_instances(empty, [], image_shape)
+            return dataset_dict
         inst = utils.annotations_to_instances(annos, image_shape, mask_format="bitmask")
         keep = inst.gt_masks.tensor.flatten(1).sum(1) >= self.min_instance_area
         inst = inst[keep]

@@ -26,7 +26,7 @@ pip_quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a director
 
 echo "[install] torch, torchvision and the scientific stack"
 "${PIP[@]}" "setuptools<81" wheel torch torchvision numpy scipy pycocotools opencv-python-headless \
-  timm fvcore iopath pillow matplotlib tensorboard pytest pytest-timeout ruff \
+  timm fvcore iopath pillow matplotlib tensorboard pytest pytest-timeout ruff shapely \
   termcolor yacs tabulate cloudpickle tqdm "omegaconf>=2.1,<2.4" "hydra-core>=1.1" packaging
 
 # panopticapi-lite pins numpy<2 in its metadata but does not need it: install without deps.

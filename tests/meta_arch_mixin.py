@@ -25,6 +25,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
+from detectron2.utils.events import EventStorage
 
 from common.engine import get_cfg, merge_config
 
@@ -154,7 +155,8 @@ class MetaArchTestMixin:
 
     def _train_step(self, model, counts):
         model.train()
-        losses = model(self.batch(model, counts))
+        with EventStorage(0):  # as inside Detectron2's trainers
+            losses = model(self.batch(model, counts))
         assert isinstance(losses, dict) and losses, "training must return a non-empty loss dict"
         for k, v in losses.items():
             assert v.dim() == 0, f"{k} is not a scalar: shape {tuple(v.shape)}"

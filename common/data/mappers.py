@@ -218,7 +218,8 @@ class SemanticDatasetMapper(_BaseMapper):
         sem_file = dataset_dict.get("sem_seg_file_name")
         if sem_file is None:
             raise KeyError(f"{dataset_dict.get('file_name')}: no 'sem_seg_file_name' to read")
-        sem_seg = read_image_checked(sem_file, "L").squeeze(-1).astype(np.int64)
+        # uint8 through the augmentations (PIL nearest resize), int64 afterwards
+        sem_seg = read_image_checked(sem_file, "L").squeeze(-1)
         image_shape, transforms, sem_seg = self._read(dataset_dict, sem_seg=sem_seg)
         if not self.is_train:
             return dataset_dict

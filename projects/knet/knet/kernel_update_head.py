@@ -61,6 +61,11 @@ class KernelUpdator(nn.Module):
         Returns:
             [M, K2, out_channels]: the updated kernel chunks (row m = chunk m of F).
         """
+        return F.relu(self.fc_norm(self.fc_layer(self.gated_sum(group_feats, kernels))))
+
+    def gated_sum(self, group_feats: Tensor, kernels: Tensor) -> Tensor:
+        """``update_gate * LN(F_out) + input_gate * LN(K_out)`` (paper Eq. 3-5), before the
+        output Linear-LN-ReLU. Same arguments as :meth:`forward`; returns [M, K2, feat]."""
         feats = group_feats.reshape(-1, self.in_channels)
         num_rows = feats.shape[0]
         params = self.dynamic_layer(feats)
@@ -74,8 +79,7 @@ class KernelUpdator(nn.Module):
         update_gate = self.norm_in(self.update_gate(gate_feats)).sigmoid()
         param_out = self.norm_out(param_out)
         input_out = self.input_norm_out(input_out)
-        new = update_gate * param_out.unsqueeze(-2) + input_gate * input_out
-        return F.relu(self.fc_norm(self.fc_layer(new)))
+        return update_gate * param_out.unsqueeze(-2) + input_gate * input_out
 
 
 class KernelUpdateHead(nn.Module):

@@ -159,10 +159,7 @@ class KNetSemantic(nn.Module):
             training: ``loss_ce_s0`` (decode head) .. ``loss_ce_s<S>`` and ``loss_ce_aux``;
             inference: per image ``{"sem_seg": [num_classes, height, width] probabilities}``.
         """
-        images = [
-            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
-        ]
-        images = ImageList.from_tensors(images, self.size_divisibility)
+        images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         stage_logits = self.forward_stages([features[f] for f in self.in_features])
         if self.training:
@@ -182,6 +179,13 @@ class KNetSemantic(nn.Module):
                 losses["loss_ce_aux"] = self.aux_weight * self.ce_loss(aux_logits, labels)
             return losses
         return self.inference(stage_logits[-1], batched_inputs, images)
+
+    def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
+        """Normalize and pad to ``size_divisibility``: ImageList [B, 3, H_pad, W_pad]."""
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
+        return ImageList.from_tensors(images, self.size_divisibility)
 
     def forward_stages(self, features: list[Tensor]) -> list[Tensor]:
         """Returns the logits of every stage, [B, num_classes, h, w] each (stage 0 first)."""

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""QuerySeg demo in Detectron2's style: a config and weights, images / a folder / a video / a
+webcam in, Detectron2 Visualizer overlays (instance, panoptic or semantic) out.
+
+    python demo/demo.py --config-file CFG.yaml --input img.jpg photos/ "more/*.png" \
+        --output out/ --confidence-threshold 0.5 --opts MODEL.WEIGHTS model_final.pth
+    python demo/demo.py --config-file CFG.yaml --weights w.pth --video-input v.mp4 --output o.mp4
+    python demo/demo.py --config-file CFG.yaml --weights w.pth --webcam [--output cam.mp4]
+
+Comparison mode: several configs (and one weight file each) -> per input, one labelled grid
+"input | model 1 | model 2 | ..." written as ``<stem>_grid.jpg``::
+
+    python demo/demo.py --config-file knet.yaml fastinst.yaml --weights k.pth f.pth \
+        --labels K-Net FastInst --input img.jpg --output out/
+
+An unreadable input image is reported (naming the file) and skipped; the others still run, and
+the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import cv2
+import tqdm
+
+_DEMO = os.path.dirname(os.path.abspath(__file__))
+if _DEMO not in sys.path:  # `predictor` sits beside this script
+    sys.path.insert(0, _DEMO)
+
+from predictor import (  # noqa: E402
+    SegmentationDemo,
+    compare_on_image,
+    frames,
+    output_path,
+    render_frame,
+    setup_cfg,
+)
+
+logger = logging.getLogger("queryseg.demo")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+WINDOW = "QuerySeg"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", nargs="+", required=True, metavar="FILE",
+                   help="one config, or several for the comparison grid")
+    p.add_argument("--weights", nargs="+", help="one checkpoint per config (else MODEL.WEIGHTS)")
+    p.add_argument("--labels", nargs="+", help="grid labels, one per config (default: stems)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", help="image files, folders or glob patterns")
+    src.add_argument("--video-input", help="a video file")
+    src.add_argument("--webcam", action="store_true", help="camera 0")
+    p.add_argument("--output", help="a folder (or one image/video file); default: show a window")
+    p.add_argument("--confidence-threshold", type=float, default=0.5)
+    p.add_argument("--task", default="auto", choices=["auto", "instance", "panoptic", "semantic"],
+                   help="which output to draw (auto: panoptic, else instance, else semantic)")
+    p.add_argument("--grid-cols", type=int, help="panels per grid row (default: all in one)")
+    p.add_argument("--max-frames", type=int, default=0, help="video/webcam: stop after N")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                   help="KEY VALUE config overrides, applied to every config")
+    return p
+
+
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(image paths, error messages): folders give their images, patterns their matches."""
+    paths, errors = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                errors.append(f"{item}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif os.path.isfile(item):
+            paths.append(item)
+        elif glob.has_magic(item):
+            found = sorted(glob.glob(os.path.expanduser(item)))
+            if not found:
+                errors.append(f"{item}: pattern matches no file")
+            paths += found
+        else:
+            errors.append(f"{item}: no such file or folder")
+    return paths, errors
+
+
+def read_bgr(path: str):
+    """[H,W,3] uint8 BGR image; raises DataError naming the file when it cannot be read."""
+    from common.data.validation import read_image_checked
+
+    return read_image_checked(path, "BGR")
+
+
+def build_demos(args: argparse.Namespace) -> list[SegmentationDemo]:
+    configs = args.config_file
+    for flag in ("weights", "labels"):
+        given = getattr(args, flag)
+        if given and len(given) != len(configs):
+            raise SystemExit(f"--{flag}: {len(given)} values for {len(configs)} --config-file")
+    weights = args.weights or [None] * len(configs)
+    labels = args.labels or [os.path.splitext(os.path.basename(c))[0] for c in configs]
+    demos = []
+    for cfg_file, w, label in zip(configs, weights, labels):
+        cfg = setup_cfg(cfg_file, w, args.opts, args.confidence_threshold)
+        demos.append(SegmentationDemo(cfg, label=label, task=args.task,
+                                      confidence_threshold=args.confidence_threshold))
+    return demos
+
+
+def show(image_bgr) -> bool:
+    """Show a frame in a window; False when the user pressed Esc."""
+    try:
+        cv2.imshow(WINDOW, image_bgr)
+    except cv2.error as e:
+        raise SystemExit(f"cannot open a window ({e.err}); pass --output to write files") from None
+    return cv2.waitKey(1) != 27
+
+
+def run_images(demos: list[SegmentationDemo], args: argparse.Namespace) -> int:
+    """Overlay (or compare) every input image; returns the number of failed inputs."""
+    paths, errors = expand_inputs(args.input)
+    compare = len(demos) > 1
+    if args.output and not os.path.splitext(args.output)[1]:
+        os.makedirs(args.output, exist_ok=True)
+    written = 0
+    for path in tqdm.tqdm(paths, disable=not args.output, desc="images"):
+        try:
+            image = read_bgr(path)
+        except ValueError as e:  # DataError: the file is missing, truncated or not an image
+            errors.append(str(e))
+            logger.error("%s", e)
+            continue
+        start = time.perf_counter()
+        if compare:
+            rgb = compare_on_image(demos, image, args.grid_cols)
+            what = f"{len(demos)} models"
+        else:
+            outputs, rgb = demos[0].run_on_image(image)
+            what = demos[0].drawn_task(outputs)
+        logger.info("%s: %s in %.2fs", path, what, time.perf_counter() - start)
+        if args.output:
+            out = output_path(args.output, path, "_grid" if compare else "")
+            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+            cv2.imwrite(out, rgb[:, :, ::-1])
+            written += 1
+        elif not show(rgb[:, :, ::-1].copy()) or cv2.waitKey(0) == 27:
+            break
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if errors:
+        print(f"error: {len(errors)} input(s) failed; {written} overlay(s) written",
+              file=sys.stderr)
+    return len(errors)
+
+
+def run_video(demos: list[SegmentationDemo], args: argparse.Namespace) -> int:
+    """Overlay a video file or the webcam, frame by frame (to --output, else a window)."""
+    source = 0 if args.webcam else args.video_input
+    capture = cv2.VideoCapture(source)
+    if not capture.isOpened():
+        print(f"error: cannot open video source {source!r}", file=sys.stderr)
+        return 1
+    fps = capture.get(cv2.CAP_PROP_FPS) or 15.0
+    writer = None
+    try:
+        for frame in tqdm.tqdm(frames(capture, args.max_frames), disable=not args.output,
+                               desc="frames"):
+            out = render_frame(demos, frame, args.grid_cols)
+            if args.output:
+                if writer is None:
+                    path = args.output
+                    if os.path.isdir(path) or not os.path.splitext(path)[1]:
+                        name = "webcam" if args.webcam else os.path.basename(args.video_input)
+                        os.makedirs(path, exist_ok=True)
+                        path = os.path.join(path, os.path.splitext(name)[0] + ".mp4")
+                    h, w = out.shape[:2]
+                    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                writer.write(out)
+            elif not show(out):
+                break
+    finally:
+        capture.release()
+        if writer is not None:
+            writer.release()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(name)s] %(message)s")
+    demos = build_demos(args)
+    if args.input:
+        return 1 if run_images(demos, args) else 0
+    return run_video(demos, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

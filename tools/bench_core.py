@@ -1,0 +1,620 @@
+"""Measuring one config and reporting a table: the library behind ``tools/benchmark.py`` and
+``tools/ablate.py``.
+
+Measurements (all on the same fixed input, batch 1, model in eval mode, under ``no_grad``):
+
+- parameters: ``sum(p.numel())`` over ``model.parameters()``;
+- GFLOPs: Detectron2's fvcore ``FlopCountAnalysis`` (one fused multiply-add counts as one FLOP, as
+  the papers' tables do); ops fvcore has no handle for are not counted and are listed in the log;
+- latency: :func:`measure_latency`, the median of ``repeats`` timed calls after ``warmup`` calls
+  (CUDA synchronised around each call on a GPU);
+- peak memory: :func:`peak_memory_mb`; on CUDA ``torch.cuda.max_memory_allocated`` over one
+  forward; on the CPU the model's parameter and buffer bytes plus the process's peak-RSS increase
+  during one forward (Linux ``/proc/self/status`` VmHWM after resetting it through
+  ``/proc/self/clear_refs``, with freed heap returned first by ``malloc_trim``);
+- training seconds per iteration: the median of Detectron2's per-iteration ``time`` (data loading
+  included, first 3 iterations excluded).
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import gc
+import logging
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from detectron2.engine import HookBase
+
+logger = logging.getLogger("queryseg.benchmark")
+
+#: (CSV key, Markdown heading) of the table's columns, in order.
+COLUMNS = (
+    ("name", "Model"),
+    ("task", "Task"),
+    ("params_m", "Params (M)"),
+    ("gflops", "GFLOPs"),
+    ("latency_ms", "Latency (ms)"),
+    ("memory_mb", "Peak mem (MB)"),
+    ("train_s_iter", "Train (s/iter)"),
+    ("AP", "AP"),
+    ("PQ", "PQ"),
+    ("mIoU", "mIoU"),
+)
+_DIGITS = {"params_m": 2, "gflops": 2, "latency_ms": 1, "memory_mb": 0, "train_s_iter": 3,
+           "AP": 1, "PQ": 1, "mIoU": 1}
+#: metric column -> (evaluator result key, metric name); the first present is the plot's y axis.
+METRICS = {"AP": ("segm", "AP"), "PQ": ("panoptic_seg", "PQ"), "mIoU": ("sem_seg", "mIoU")}
+_PRIMARY = {"instance": "AP", "panoptic": "PQ", "semantic": "mIoU"}
+# Relative cost of one step of each stage, in "batch-1 forward passes", for the ETA.
+_TRAIN_COST_PER_IMAGE = 3.0
+_FLOPS_COST = 3.0
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LatencyStats:
+    """Latency of ``repeats`` timed calls, in milliseconds."""
+
+    median_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+    times_ms: list[float]
+
+
+def measure_latency(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 5,
+    repeats: int = 20,
+    synchronize: Callable[[], None] | None = None,
+    on_call: Callable[[], None] | None = None,
+) -> LatencyStats:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; median etc. in ms.
+
+    Args:
+        fn: one inference (e.g. ``lambda: model(inputs)``).
+        synchronize: called after each call before the clock is read (``torch.cuda.synchronize``
+            on a GPU, so that asynchronous kernels are counted).
+        on_call: called after every call (progress reporting).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    sync = synchronize or (lambda: None)
+    tick = on_call or (lambda: None)
+    for _ in range(warmup):
+        fn()
+        sync()
+        tick()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+        tick()
+    return LatencyStats(statistics.median(times), statistics.fmean(times), min(times),
+                        max(times), times)
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _proc_status_kb("VmHWM") is not None
+
+
+def peak_memory_mb(
+    fn: Callable[[], Any], model: torch.nn.Module, device: torch.device
+) -> tuple[float, str]:
+    """Peak memory of one call of ``fn`` (one forward), in MiB, and how it was measured.
+
+    CUDA: ``max_memory_allocated`` (weights + activations). CPU: the model's parameter/buffer
+    bytes plus the peak-RSS increase during the call (VmHWM - VmRSS before); where VmHWM cannot
+    be reset, the ``ru_maxrss`` increase (a lower bound: 0 if an earlier peak was higher).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    tensors = [*model.parameters(), *model.buffers()]
+    model_mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    gc.collect()
+    if _reset_peak_rss():
+        before = _proc_status_kb("VmRSS")
+        fn()
+        peak = _proc_status_kb("VmHWM")
+        return model_mb + max(peak - before, 0) / 1024, "weights + peak RSS increase (VmHWM)"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return model_mb + (after - before) / 1024, "weights + ru_maxrss increase (lower bound)"
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_gflops(model: torch.nn.Module, inputs: list[dict]) -> tuple[float, dict[str, int]]:
+    """GFLOPs of one eval-mode forward on ``inputs`` with fvcore (1 multiply-add = 1 FLOP).
+
+    Returns:
+        (GFLOPs, {op name: number of calls} of the ops fvcore could not count).
+    """
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fca = FlopCountAnalysis(model, inputs)
+            fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            total = fca.total()
+            return total / 1e9, dict(fca.unsupported_ops())
+    finally:
+        model.train(was_training)
+
+
+def extract_metrics(results: dict[str, dict[str, float]]) -> dict[str, float | None]:
+    """{"AP": mask AP, "PQ": ..., "mIoU": ...} from evaluator results (None when absent)."""
+    out = {}
+    for col, (task, key) in METRICS.items():
+        value = results.get(task, {}).get(key)
+        out[col] = None if value is None else float(value)
+    return out
+
+
+def task_of(results: dict[str, Any]) -> str:
+    """"panoptic" | "instance" | "semantic" from which evaluator produced results."""
+    if "panoptic_seg" in results:
+        return "panoptic"
+    if "segm" in results or "bbox" in results:
+        return "instance"
+    return "semantic" if "sem_seg" in results else "none"
+
+
+# ---- running one entry ------------------------------------------------------------------------
+
+
+class _ProgressHook(HookBase):
+    def __init__(self, advance: Callable[[float], None], units: float):
+        self._advance, self._units = advance, units
+
+    def after_step(self) -> None:
+        self._advance(self._units)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        model = m.group(1).strip() if m else model
+    except OSError:
+        pass
+    return f"cpu ({model or 'unknown'}, {os.cpu_count()} cores)"
+
+
+class Measurer:
+    """Builds each entry's config with the run-wide settings and measures it."""
+
+    def __init__(self, settings: Any, output_dir: str):
+        """
+        Args:
+            settings: a ``benchmark.Settings``.
+            output_dir: rows run in ``<output_dir>/rows/<index>_<name>/``.
+        """
+        self.settings = settings
+        self.output_dir = output_dir
+        want = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(want)
+        self.memory_method = "?"
+        self.iters: dict[str, int] = {}
+        self.train_sizes: set[str] = set()
+        self.datasets: set[str] = set()
+        self._latency_image: str | None = None
+
+    def build_cfg(self, entry: Any, output_dir: str):
+        """The entry's config with its overrides, then the run-wide settings, then ``opts``."""
+        from common.engine import get_cfg, merge_config
+
+        s = self.settings
+        cfg = get_cfg()
+        merge_config(cfg, entry.path, list(entry.overrides))
+        forced: list[Any] = [
+            "SEED", s.seed, "DATALOADER.NUM_WORKERS", s.num_workers,
+            "INPUT.MIN_SIZE_TEST", s.input_size,
+            "INPUT.MAX_SIZE_TEST", max(cfg.INPUT.MAX_SIZE_TEST, s.input_size),
+            "TEST.EVAL_PERIOD", 0, "OUTPUT_DIR", output_dir, "MODEL.DEVICE", self.device.type,
+        ]
+        old_batch = cfg.SOLVER.IMS_PER_BATCH
+        if s.ims_per_batch and old_batch != s.ims_per_batch:  # linear LR scaling rule
+            forced += ["SOLVER.IMS_PER_BATCH", s.ims_per_batch,
+                       "SOLVER.BASE_LR", cfg.SOLVER.BASE_LR * s.ims_per_batch / old_batch]
+        old_iter = cfg.SOLVER.MAX_ITER
+        new_iter = s.max_iter or old_iter
+        if entry.weights is not None:
+            new_iter = s.timing_iters
+        if new_iter != old_iter:
+            r = new_iter / old_iter
+            # LR steps and warm-up keep their place in the schedule (steps must stay < MAX_ITER)
+            steps = tuple(s for s in (int(round(x * r)) for x in cfg.SOLVER.STEPS)
+                          if 0 < s < new_iter)
+            forced += ["SOLVER.MAX_ITER", new_iter, "SOLVER.STEPS", steps,
+                       "SOLVER.WARMUP_ITERS", int(round(cfg.SOLVER.WARMUP_ITERS * r))]
+        forced += ["SOLVER.CHECKPOINT_PERIOD", max(new_iter, 1) * 10]  # final checkpoint only
+        for key, value in (("IMAGE_SIZE", s.image_size), ("NUM_TRAIN", s.num_train),
+                           ("NUM_VAL", s.num_val)):
+            if value is not None:
+                forced += [f"DATASETS.SHAPES.{key}", value]
+        merge_config(cfg, None, [str(x) for x in forced] + list(s.opts))
+        return cfg
+
+    def cost(self, entry: Any) -> float:
+        """Estimated cost of an entry in batch-1 forward passes (for the ETA)."""
+        s = self.settings
+        try:
+            cfg = self.build_cfg(entry, self.output_dir)
+        except Exception:  # reported when the entry runs; any estimate will do here
+            return 1.0
+        iters = s.timing_iters if entry.weights is not None else cfg.SOLVER.MAX_ITER
+        train = iters * cfg.SOLVER.IMS_PER_BATCH * _TRAIN_COST_PER_IMAGE
+        return train + cfg.DATASETS.SHAPES.NUM_VAL + s.warmup + s.repeats + _FLOPS_COST + 1
+
+    def latency_inputs(self, cfg) -> list[dict]:
+        """The fixed batch-1 input: the first test image, resized to input_size x input_size."""
+        import cv2
+        from detectron2.data import DatasetCatalog
+        from detectron2.data import detection_utils as utils
+
+        if self._latency_image is None:
+            self._latency_image = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"]
+        image = utils.read_image(self._latency_image, format=cfg.INPUT.FORMAT)
+        size = self.settings.input_size
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        tensor = torch.as_tensor(image.transpose(2, 0, 1).copy())
+        return [{"image": tensor, "height": size, "width": size}]
+
+    def train(self, cfg, entry: Any, advance: Callable[[float], None]):
+        """Train (or time ``timing_iters`` iterations and load ``entry.weights``).
+
+        Returns:
+            (model, median seconds per training iteration or None).
+        """
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.utils.env import seed_all_rng
+
+        from common.engine import Trainer
+
+        seed_all_rng(self.settings.seed)
+        s_iter = None
+        if cfg.SOLVER.MAX_ITER > 0:
+            trainer = Trainer(cfg)
+            units = cfg.SOLVER.IMS_PER_BATCH * _TRAIN_COST_PER_IMAGE
+            trainer.register_hooks([_ProgressHook(advance, units)])
+            trainer.resume_or_load(resume=False)
+            trainer.train()
+            times = [v for v, _ in trainer.storage.history("time").values()]
+            s_iter = statistics.median(times) if times else float("nan")
+            model = trainer.model
+            del trainer  # stops the training loader's workers
+            gc.collect()
+        else:
+            model = Trainer.build_model(cfg)
+        if entry.weights is not None:
+            DetectionCheckpointer(model).load(entry.weights)
+        return model, s_iter
+
+    def evaluate(self, cfg, model: torch.nn.Module, advance: Callable[[float], None]) -> dict:
+        """Results of the project's evaluators on every ``cfg.DATASETS.TEST`` dataset."""
+        from detectron2.evaluation import inference_on_dataset
+
+        from common.engine import Trainer
+
+        results: dict[str, Any] = {}
+        for name in cfg.DATASETS.TEST:
+            loader = Trainer.build_test_loader(cfg, name)
+            evaluator = Trainer.build_evaluator(cfg, name)
+            res = inference_on_dataset(model, loader, evaluator,
+                                       callbacks={"after_inference": lambda: advance(1)})
+            for task, metrics in (res or {}).items():
+                results.setdefault(task, metrics)
+        return results
+
+    def header(self, elapsed_s: float) -> dict[str, str]:
+        """The run-wide settings, as stated in the table header and the CSV."""
+        s = self.settings
+        iters = sorted(set(self.iters.values()))
+        if s.max_iter:
+            sched = f"{s.schedule}: {s.max_iter} iterations for every row"
+        else:
+            sched = f"{s.schedule}: each config's own schedule ({', '.join(map(str, iters))} it.)"
+        return {
+            "device": _device_name(self.device),
+            "torch": torch.__version__,
+            "threads": str(torch.get_num_threads()),
+            "seed": str(s.seed),
+            "loader": f"{s.ims_per_batch} images/batch, {s.num_workers} workers",
+            "schedule": sched,
+            "dataset": "; ".join(sorted(self.datasets)) or "?",
+            "train_sizes": " | ".join(sorted(self.train_sizes)) or "?",
+            "input": f"{s.input_size}x{s.input_size}, batch 1",
+            "latency": f"median of {s.repeats} runs after {s.warmup} warm-up runs",
+            "gflops": "fvcore, 1 multiply-add = 1 FLOP, uncounted ops listed in log.txt",
+            "memory": self.memory_method,
+            "train_s_iter": "median per-iteration time, data loading incl., first 3 excluded",
+            "elapsed": f"{elapsed_s / 60:.1f} min",
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        }
+
+
+def measure_row(measurer: Measurer, entry: Any, bar: Any) -> dict[str, Any]:
+    """Run and measure one entry; a failure is logged and recorded in the row's ``error``."""
+    row: dict[str, Any] = {"name": entry.name, "method": entry.method or entry.name,
+                           "config": entry.config, "weights": entry.weights or ""}
+    row.update({k: None for k, _ in COLUMNS[1:]})
+    row["task"] = "?"
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", entry.name).strip("_")
+    out_dir = os.path.join(measurer.output_dir, "rows", f"{bar.row_index:02d}_{slug}")
+    try:
+        from common.data.shapes import configure_shapes_from_cfg
+
+        cfg = measurer.build_cfg(entry, out_dir)
+        cfg.freeze()
+        configure_shapes_from_cfg(cfg, generate=True)
+        sh = cfg.DATASETS.SHAPES
+        measurer.datasets.add(f"shapes {sh.IMAGE_SIZE} px, {sh.NUM_TRAIN} train / "
+                              f"{sh.NUM_VAL} val images")
+        sizes = tuple(cfg.INPUT.MIN_SIZE_TRAIN)
+        measurer.train_sizes.add(f"{sizes} max {cfg.INPUT.MAX_SIZE_TRAIN}")
+        measurer.iters[entry.name] = cfg.SOLVER.MAX_ITER
+        bar.stage("train" if entry.weights is None else "time training + load weights")
+        model, row["train_s_iter"] = measurer.train(cfg, entry, bar.advance)
+        logger.info("%s: trained in %.0f s wall, %.0f s CPU", entry.name,
+                    time.perf_counter() - wall0, time.process_time() - cpu0)
+        bar.stage("evaluate")
+        results = measurer.evaluate(cfg, model, bar.advance)
+        logger.info("%s: evaluated, %.0f s wall, %.0f s CPU so far", entry.name,
+                    time.perf_counter() - wall0, time.process_time() - cpu0)
+        metrics = extract_metrics(results)
+        for k, v in metrics.items():
+            if v is not None and math.isnan(v):  # Detectron2's "no predictions from the model"
+                metrics[k] = 0.0
+                row["note"] = f"no predictions above the score threshold: {k} counted as 0"
+        row.update(metrics)
+        row["task"] = task_of(results)
+        model.eval()
+        inputs = measurer.latency_inputs(cfg)
+        row["params_m"] = count_parameters(model) / 1e6
+        bar.stage("GFLOPs")
+        try:
+            row["gflops"], unsupported = count_gflops(model, inputs)
+            if unsupported:
+                logger.info("%s: ops not counted by fvcore: %s", entry.name, unsupported)
+        except Exception as e:  # tracing can fail on data-dependent code: keep the other columns
+            logger.warning("%s: GFLOPs not measured (%s: %s)", entry.name, type(e).__name__, e)
+            row["gflops"] = float("nan")
+        bar.advance(_FLOPS_COST)
+        bar.stage("latency")
+        dev = measurer.device
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
+        with torch.no_grad():
+            stats = measure_latency(lambda: model(inputs), warmup=measurer.settings.warmup,
+                                    repeats=measurer.settings.repeats, synchronize=sync,
+                                    on_call=lambda: bar.advance(1))
+            row["latency_ms"] = stats.median_ms
+            row["memory_mb"], measurer.memory_method = peak_memory_mb(
+                lambda: model(inputs), model, dev)
+        bar.advance(1)
+        if row["train_s_iter"] is None:
+            row["train_s_iter"] = float("nan")
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"
+        logger.error("%s failed: %s", entry.name, row["error"])
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "error.txt"), "w") as f:
+            f.write(traceback.format_exc())
+    # wall and this process's CPU seconds: on a shared machine CPU / threads estimates idle wall
+    row["wall_s"] = time.perf_counter() - wall0
+    row["cpu_s"] = time.process_time() - cpu0
+    logger.info("%s: %.0f s wall, %.0f s CPU (train %s s/iter)", entry.name, row["wall_s"],
+                row["cpu_s"], fmt(row["train_s_iter"], 3))
+    bar.finish_row()
+    return row
+
+
+# ---- progress -----------------------------------------------------------------------------------
+
+
+class Progress:
+    """One tqdm bar over the whole run, in estimated cost units, so its ETA covers every row."""
+
+    def __init__(self, costs: Sequence[float], enabled: bool = True):
+        from tqdm import tqdm
+
+        self._costs = list(costs)
+        self._bar = tqdm(total=sum(self._costs), disable=not enabled, smoothing=0.0,
+                         bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+        self.row_index, self._row_name, self._done_before = 0, "", 0.0
+
+    def start_row(self, index: int, name: str) -> None:
+        self.row_index, self._row_name = index, name
+        self._done_before = sum(self._costs[:index])
+        self.stage("start")
+
+    def stage(self, what: str) -> None:
+        n = len(self._costs)
+        self._bar.set_description_str(f"[{self.row_index + 1}/{n}] {self._row_name}: {what}")
+
+    def advance(self, units: float) -> None:
+        limit = self._done_before + self._costs[self.row_index]
+        self._bar.update(max(0.0, min(units, limit - self._bar.n)))
+
+    def finish_row(self) -> None:
+        """Jump to the row's end (its estimate may have been off)."""
+        self._bar.update(self._done_before + self._costs[self.row_index] - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    @staticmethod
+    def console_handler() -> logging.Handler:
+        """A logging handler that prints above the bar instead of breaking it."""
+        from tqdm import tqdm
+
+        class _TqdmHandler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                tqdm.write(self.format(record))
+
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        return handler
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: None -> "n/a" (not produced by this model), NaN -> "nan"."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_markdown(
+    rows: Sequence[dict], header: dict[str, str], *, title: str, notes: Sequence[str] = ()
+) -> str:
+    """The Markdown table with its settings header and footnotes."""
+    h = header
+    lines = [
+        f"## {title}", "",
+        f"**Device** {h['device']} · torch {h['torch']} · {h['threads']} threads · "
+        f"{h['date']} · whole run {h['elapsed']}", "",
+        f"**Same for every row:** seed {h['seed']} · loader {h['loader']} · schedule "
+        f"{h['schedule']} · data {h['dataset']} · train short sides {h['train_sizes']} · "
+        f"test/latency/GFLOPs input {h['input']}", "",
+        f"**Latency** {h['latency']} · **GFLOPs** {h['gflops']} · **Peak mem** {h['memory']} · "
+        f"**Train s/iter** {h['train_s_iter']} · **AP** mask AP (COCO) · **PQ** COCO panoptic · "
+        "**mIoU** semantic", "",
+        "| " + " | ".join(name for _, name in COLUMNS) + " |",
+        "|" + "|".join(":---" if k in ("name", "task") else "---:" for k, _ in COLUMNS) + "|",
+    ]
+    for r in rows:
+        cells = [fmt(r.get(k), _DIGITS.get(k, 2)) for k, _ in COLUMNS]
+        if r.get("error"):
+            cells[1] = "**failed**"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    foot = ["n/a: the model does not produce that output."]
+    foot += [f"{r['name']} failed: {r['error']}" for r in rows if r.get("error")]
+    foot += [f"{r['name']}: {r['note']}" for r in rows if r.get("note")]
+    foot += list(notes)
+    foot += [f"{r['name']}: `{_relpath(r['config'])}`"
+             + (f" with weights `{r['weights']}`" if r.get("weights") else "") for r in rows]
+    lines += [f"- {n}" for n in foot]
+    return "\n".join(lines) + "\n"
+
+
+def _relpath(path: str) -> str:
+    """``path`` relative to the repository root when it lies inside it."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = os.path.abspath(os.path.join(repo, path))
+    return os.path.relpath(full, repo) if full.startswith(repo + os.sep) else full
+
+
+def write_csv(rows: Sequence[dict], header: dict[str, str], path: str) -> None:
+    """One line per row: the table's columns (full precision), config, error, then the header."""
+    keys = [k for k, _ in COLUMNS] + ["wall_s", "cpu_s", "method", "config", "weights", "error",
+                                      "note"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys + [f"setting_{k}" for k in header])
+        for r in rows:
+            cells = [fmt(r.get(k), 6) if k in _DIGITS else (r.get(k) or "") for k in keys]
+            cells[keys.index("wall_s")] = fmt(r.get("wall_s"), 1)
+            cells[keys.index("cpu_s")] = fmt(r.get("cpu_s"), 1)
+            cells[keys.index("config")] = _relpath(r["config"])
+            w.writerow(cells + list(header.values()))
+
+
+def plot_speed_accuracy(rows: Sequence[dict], path: str, *, title: str) -> None:
+    """Speed-accuracy plot (latency vs AP / PQ / mIoU), one panel per task, like the papers'
+    figures; rows of the same method are joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def ok(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not math.isnan(x)
+
+    tasks = [t for t in ("instance", "panoptic", "semantic")
+             if any(r.get("task") == t and ok(r.get(_PRIMARY[t])) for r in rows)]
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.2 * max(len(tasks), 1), 4.2),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = _PRIMARY[task]
+        pts = [r for r in rows if r.get("task") == task and ok(r.get(metric))
+               and ok(r.get("latency_ms"))]
+        for method in dict.fromkeys(r["method"] for r in pts):
+            group = sorted((r for r in pts if r["method"] == method), key=lambda r: r["latency_ms"])
+            ax.plot([r["latency_ms"] for r in group], [r[metric] for r in group], "o-",
+                    label=method, markersize=7)
+            for r in group:
+                ax.annotate(r["name"], (r["latency_ms"], r[metric]), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("latency (ms, batch 1)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{task}: {metric} vs latency", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if not tasks:
+        axes[0][0].text(0.5, 0.5, "no row has both a metric and a latency", ha="center")
+        axes[0][0].set_axis_off()
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,328 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark of QuerySeg methods and the Detectron2 baselines on `shapes`.
+
+For every config (by default :data:`DEFAULT_ENTRIES`: the Mask R-CNN / Panoptic FPN baselines and
+each method's `shapes` configs), in one process and with the same seed, loader settings and input
+size: train (or, with ``--weights``, time a few training iterations and load the checkpoint),
+evaluate through the project's evaluators, and measure parameters, GFLOPs, batch-1 latency, peak
+inference memory and training seconds per iteration. Writes ``benchmark.md`` (Markdown table whose
+header states the settings, device, torch version and threads), ``benchmark.csv`` and
+``benchmark.png`` (speed-accuracy plot) under ``--output``, with a progress bar and ETA over the
+whole run. Usage::
+
+    python tools/benchmark.py                          # every default entry, quick schedule
+    python tools/benchmark.py --schedule full          # the configs' own (documented) schedules
+    python tools/benchmark.py --config A.yaml B.yaml --weights a.pth - [KEY VALUE ...]
+    python tools/benchmark.py --list                   # default entries and whether present
+
+A config file that does not exist (yet) is skipped with a note on the console and in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+if _TOOLS not in sys.path:  # `bench_core` sits beside this script
+    sys.path.insert(0, _TOOLS)
+
+from bench_core import (  # noqa: E402
+    Measurer,
+    Progress,
+    measure_row,
+    plot_speed_accuracy,
+    render_markdown,
+    write_csv,
+)
+
+logger = logging.getLogger("queryseg.benchmark")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of a benchmark or ablation table.
+
+    Attributes:
+        name: the row's label.
+        config: YAML path (absolute, or relative to the repository root).
+        overrides: ``KEY VALUE`` pairs applied after the YAML (before the run-wide settings).
+        weights: a checkpoint to evaluate instead of training (None: train).
+        method: rows with the same method are joined by a line in the plot (default: name).
+    """
+
+    name: str
+    config: str
+    overrides: tuple[str, ...] = ()
+    weights: str | None = None
+    method: str = ""
+
+    @property
+    def path(self) -> str:
+        return self.config if os.path.isabs(self.config) else os.path.join(REPO, self.config)
+
+
+_BASELINES = "common/configs/baselines"
+
+
+def _shapes(project: str, leaf: str) -> str:
+    return f"projects/{project}/configs/shapes/{leaf}"
+
+
+#: The default comparison: add a method's `shapes` config by adding a row here.
+DEFAULT_ENTRIES: tuple[Entry, ...] = (
+    Entry("Mask R-CNN R18-FPN-GN", f"{_BASELINES}/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml",
+          method="Mask R-CNN"),
+    Entry("Panoptic FPN R18-GN", f"{_BASELINES}/panoptic_fpn_R_18_gn_scratch_shapes.yaml",
+          method="Panoptic FPN"),
+    Entry("K-Net R18", _shapes("knet", "knet_R18_shapes_instance.yaml"), method="K-Net"),
+    Entry("K-Net R18 (panoptic)", _shapes("knet", "knet_R18_shapes_panoptic.yaml"),
+          method="K-Net"),
+    Entry("K-Net UPerNet R18", _shapes("knet", "knet_upernet_R18_shapes_semantic.yaml"),
+          method="K-Net"),
+    Entry("QueryInst R18-FPN", _shapes("queryinst", "queryinst_R18_FPN_shapes.yaml"),
+          method="QueryInst"),
+    Entry("FastInst-D1 R18", _shapes("fastinst", "fastinst_R18_D1_shapes_instance.yaml"),
+          method="FastInst"),
+    Entry("FastInst-D1 R18 (panoptic)", _shapes("fastinst", "fastinst_R18_D1_shapes_panoptic.yaml"),
+          method="FastInst"),
+    Entry("FastInst-D1 R18 (semantic)", _shapes("fastinst", "fastinst_R18_D1_shapes_semantic.yaml"),
+          method="FastInst"),
+    Entry("EmbedMask R18-FPN", _shapes("embedmask", "embedmask_R18_shapes.yaml"),
+          method="EmbedMask"),
+)
+
+
+@dataclass
+class Settings:
+    """What every row shares; all of it is stated in the table header.
+
+    ``None`` keeps the config's own value (the "full" schedule keeps the configs' schedules).
+    """
+
+    schedule: str = "quick"
+    max_iter: int | None = None  # training iterations (STEPS/WARMUP scaled to match)
+    seed: int = 42
+    ims_per_batch: int = 8  # BASE_LR is scaled linearly when a config's batch differs
+    num_workers: int = 2
+    input_size: int = 128  # test-time short side, and the HxW of the latency/GFLOPs input
+    image_size: int | None = None  # DATASETS.SHAPES.IMAGE_SIZE
+    num_train: int | None = None
+    num_val: int | None = None
+    warmup: int = 5  # latency warm-up runs
+    repeats: int = 20  # timed latency runs (median reported)
+    timing_iters: int = 20  # training iterations timed when --weights skips training
+    threads: int = 0  # torch threads (0: torch's default)
+    device: str = ""  # "" : cuda when available, else cpu
+    opts: tuple[str, ...] = field(default_factory=tuple)  # KEY VALUE for every row, applied last
+
+
+#: Named schedules. "quick" is sized so that the default comparison finishes within 30 minutes
+#: on a 2-core CPU (tools/main_job.py); "full" keeps every config's documented schedule.
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "quick": {"max_iter": 120, "num_train": 240, "num_val": 40, "repeats": 10, "warmup": 3},
+    "full": {},
+}
+
+
+def settings_for(schedule: str, **overrides: Any) -> Settings:
+    """The :class:`Settings` of a named schedule, with ``overrides`` (None values ignored)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r}: expected one of {sorted(SCHEDULES)}")
+    s = replace(Settings(schedule=schedule), **SCHEDULES[schedule])
+    return replace(s, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def split_present(entries: Sequence[Entry]) -> tuple[list[Entry], list[Entry]]:
+    """(entries whose config file exists, entries whose config file is missing)."""
+    present = [e for e in entries if os.path.isfile(e.path)]
+    return present, [e for e in entries if not os.path.isfile(e.path)]
+
+
+def undiscovered_configs(entries: Sequence[Entry]) -> list[str]:
+    """Method `shapes` configs in the tree that no entry names (repo-relative paths)."""
+    known = {os.path.realpath(e.path) for e in entries}
+    found = []
+    projects = os.path.join(REPO, "projects")
+    for p in sorted(os.listdir(projects)) if os.path.isdir(projects) else []:
+        d = os.path.join(projects, p, "configs", "shapes")
+        for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            path = os.path.join(d, f)
+            if f.endswith(".yaml") and os.path.realpath(path) not in known:
+                found.append(os.path.relpath(path, REPO))
+    return found
+
+
+def setup_logging(output_dir: str) -> None:
+    """Everything to ``<output_dir>/log.txt``; warnings and errors also to the console."""
+    os.makedirs(output_dir, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_queryseg_bench", False):
+            root.removeHandler(h)
+    fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
+    fh.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s"))
+    ch = Progress.console_handler()
+    ch.setLevel(logging.WARNING)
+    for h in (fh, ch):
+        h._queryseg_bench = True
+        root.addHandler(h)
+
+
+def run_entries(
+    entries: Sequence[Entry],
+    settings: Settings,
+    output_dir: str,
+    *,
+    title: str,
+    progress: bool = True,
+    notes: Sequence[str] = (),
+    stem: str = "benchmark",
+    on_row: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], dict[str, str]]:
+    """Measure every entry and write ``<stem>.{md,csv,png}`` under ``output_dir``.
+
+    ``notes`` are added under the table (e.g. configs that were skipped).
+
+    Returns:
+        (rows: one dict per entry with the table's columns, header: the run-wide settings).
+    """
+    import torch
+
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    measurer = Measurer(settings, output_dir)
+    bar = Progress([measurer.cost(e) for e in entries], enabled=progress)
+    rows = []
+    start = time.perf_counter()
+    for i, entry in enumerate(entries):
+        bar.start_row(i, entry.name)
+        row = measure_row(measurer, entry, bar)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    bar.close()
+    header = measurer.header(time.perf_counter() - start)
+    write_outputs(rows, header, output_dir, title=title, notes=notes, stem=stem)
+    return rows, header
+
+
+def write_outputs(
+    rows: list[dict], header: dict[str, str], output_dir: str, *, title: str,
+    notes: Sequence[str] = (), stem: str = "benchmark",
+) -> dict[str, str]:
+    """Write ``<stem>.md``, ``<stem>.csv`` and ``<stem>.png``; returns their paths by extension."""
+    paths = {ext: os.path.join(output_dir, f"{stem}.{ext}") for ext in ("md", "csv", "png")}
+    with open(paths["md"], "w") as f:
+        f.write(render_markdown(rows, header, title=title, notes=notes))
+    write_csv(rows, header, paths["csv"])
+    plot_speed_accuracy(rows, paths["png"], title=title)
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", nargs="+", help="configs to compare (default: DEFAULT_ENTRIES)")
+    p.add_argument("--names", nargs="+", help="row labels for --config (default: file stems)")
+    p.add_argument("--weights", nargs="+",
+                   help="one checkpoint per --config ('-' trains that one) instead of training")
+    p.add_argument("--schedule", default="quick", choices=sorted(SCHEDULES))
+    p.add_argument("--max-iter", type=int, help="training iterations (overrides the schedule)")
+    p.add_argument("--output", default=os.path.join(REPO, "output", "benchmark"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ims-per-batch", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--input-size", type=int)
+    p.add_argument("--image-size", type=int, help="DATASETS.SHAPES.IMAGE_SIZE")
+    p.add_argument("--num-train", type=int)
+    p.add_argument("--num-val", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--timing-iters", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--title", default="QuerySeg benchmark on shapes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list", action="store_true", help="list the default entries and exit")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every row")
+    return p
+
+
+def entries_from_args(args: argparse.Namespace) -> list[Entry]:
+    if not args.config:
+        if args.names or args.weights:
+            raise SystemExit("--names/--weights need --config")
+        return list(DEFAULT_ENTRIES)
+    for flag in ("names", "weights"):
+        given = getattr(args, flag)
+        if given and len(given) != len(args.config):
+            raise SystemExit(f"--{flag}: {len(given)} values for {len(args.config)} --config")
+    names = args.names or [os.path.splitext(os.path.basename(c))[0] for c in args.config]
+    weights = args.weights or ["-"] * len(args.config)
+    return [
+        Entry(n, os.path.abspath(c), weights=None if w == "-" else os.path.abspath(w))
+        for n, c, w in zip(names, args.config, weights)
+    ]
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return settings_for(
+        args.schedule, max_iter=args.max_iter, seed=args.seed, ims_per_batch=args.ims_per_batch,
+        num_workers=args.num_workers, input_size=args.input_size, image_size=args.image_size,
+        num_train=args.num_train, num_val=args.num_val, warmup=args.warmup,
+        repeats=args.repeats, timing_iters=args.timing_iters, threads=args.threads,
+        device=args.device, opts=tuple(args.opts or ()),
+    )
+
+
+def report_missing(entries: Sequence[Entry], missing: Sequence[Entry], discover: bool) -> None:
+    """Console notes for configs not there yet and (``discover``) `shapes` configs no entry
+    names."""
+    for e in missing:
+        print(f"note: skipping {e.name!r}: {e.config} is not present yet", file=sys.stderr)
+    for path in undiscovered_configs(entries) if discover else []:
+        print(f"note: {path} is not in the default list (pass --config to include it)",
+              file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    entries = entries_from_args(args)
+    if args.list:
+        for e in entries:
+            state = "present" if os.path.isfile(e.path) else "MISSING"
+            print(f"{state:8s} {e.name:28s} {e.config}")
+        return 0
+    present, missing = split_present(entries)
+    report_missing(entries, missing, discover=not args.config)
+    if not present:
+        print("error: none of the configs is present", file=sys.stderr)
+        return 2
+    setup_logging(args.output)
+    settings = settings_from_args(args)
+    t0 = time.perf_counter()
+    notes = [f"not run: `{e.config}` (config file not present yet)" for e in missing]
+    rows, _ = run_entries(present, settings, args.output, title=args.title,
+                          progress=not args.no_progress, notes=notes)
+    with open(os.path.join(args.output, "benchmark.md")) as f:
+        print(f.read())
+    print(f"wrote {args.output}/benchmark.{{md,csv,png}} in {time.perf_counter() - t0:.0f} s")
+    failed = [r["name"] for r in rows if r.get("error")]
+    if failed:
+        print(f"error: {len(failed)} row(s) failed: {', '.join(failed)} (see log.txt)",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,12 +6,15 @@ built-in ``shapes`` dataset). Project packages add only their own ``MODEL.<P>.*`
 
 from detectron2.config import CfgNode as CN
 
+from common.ops.config import add_ops_config
+
 
 def add_common_config(cfg: CN) -> None:
     """Add QuerySeg's shared keys to a Detectron2 config, in place. Safe to call twice."""
     if hasattr(cfg, "QUERYSEG_COMMON"):
         return
     cfg.QUERYSEG_COMMON = True  # marker: common keys present
+    add_ops_config(cfg)  # backbone variants (ResNet-vd/D8, Swin) and the MSDeformAttn decoder
 
     # ---- data pipeline -------------------------------------------------------------------
     # Name of the training dataset mapper in common.data.MAPPER_REGISTRY:

@@ -38,7 +38,9 @@ PROJECTS = ("knet", "queryinst", "fastinst", "embedmask")
 
 
 def register_projects() -> list[Any]:
-    """Import every project package (registering its meta-arch) and return the modules."""
+    """Import the shared ops (backbones, pixel decoder, DCN for Detectron2's ResNet) and every
+    project package (registering its meta-arch); return the project modules."""
+    importlib.import_module("common.ops")
     return [importlib.import_module(p) for p in PROJECTS]
 
 

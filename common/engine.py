@@ -17,9 +17,8 @@ import logging
 import os
 from typing import Any
 
-import yaml
-
 import torch
+import yaml
 from detectron2.config import CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
@@ -231,6 +230,17 @@ _d2_defaults.create_ddp_model = _create_ddp_model  # DefaultTrainer.__init__ loo
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer wired to QuerySeg's mappers, evaluators and optimizer."""
+
+    def build_hooks(self):
+        """Detectron2's hooks plus, with ``VIS_PERIOD > 0``, ground-truth-vs-prediction images in
+        TensorBoard (:class:`common.visualization.VisualizationHook`) before the writers run."""
+        hooks = super().build_hooks()
+        if self.cfg.VIS_PERIOD > 0 and comm.is_main_process():
+            from common.visualization import VisualizationHook
+
+            writer_at = len(hooks) - 1  # DefaultTrainer puts the PeriodicWriter last
+            hooks.insert(writer_at, VisualizationHook(self.cfg, self.cfg.VIS_PERIOD))
+        return hooks
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):

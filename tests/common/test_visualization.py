@@ -156,16 +156,12 @@ def test_hook_in_trainer_writes_images_to_tensorboard(shapes_tiny_env, tmp_path)
     from common.data.shapes import configure_shapes_from_cfg
 
     cfg = _tiny_cfg(shapes_tiny_env, tmp_path)
+    cfg.VIS_PERIOD = 1  # Trainer.build_hooks adds the VisualizationHook
     cfg.freeze()
     configure_shapes_from_cfg(cfg)
 
-    class VisTrainer(Trainer):  # the wiring asked of common.engine.Trainer.build_hooks
-        def build_hooks(self):
-            hooks = super().build_hooks()
-            hooks.insert(-1, VisualizationHook(self.cfg, period=1, num_images=1))
-            return hooks
-
-    trainer = VisTrainer(cfg)
+    trainer = Trainer(cfg)
+    assert any(isinstance(h, VisualizationHook) for h in trainer._hooks)
     trainer.resume_or_load(resume=False)
     trainer.train()
     events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]

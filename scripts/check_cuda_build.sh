@@ -13,15 +13,16 @@ PY=${PYTHON:-.venv/bin/python}
 export TORCH_CUDA_ARCH_LIST=${QS_CHECK_CUDA_ARCH:-9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 
-if ! "$PY" - <<'PY'
-import sys
-from common.ops.build import cuda_home
-sys.exit(0 if cuda_home() else 1)
-PY
-then
+if ! CUDA_FOUND=$("$PY" -c 'from common.ops.build import cuda_home; print(cuda_home() or "")'); then
+  echo "[check_cuda_build] FAIL: cannot run common.ops.build with $PY" >&2
+  exit 1
+fi
+CUDA_FOUND=$(printf '%s\n' "$CUDA_FOUND" | tail -n 1)
+if [ -z "$CUDA_FOUND" ]; then
   echo "[check_cuda_build] SKIP: no CUDA toolkit (nvcc + headers) found, or torch is a CPU build"
   exit 0
 fi
+export CUDA_HOME="$CUDA_FOUND"
 
 BUILD_DIR=$(mktemp -d "${TMPDIR:-/tmp}/qs_cuda_build.XXXXXX")
 trap 'rm -rf "$BUILD_DIR"' EXIT

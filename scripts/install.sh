@@ -3,7 +3,9 @@
 #
 #   VENV=.venv            where the environment lives (default: ./.venv)
 #   QS_SKIP_D2=1          never install the Detectron2 snapshot (use the one already importable)
-#   QS_BUILD_OPS=1        also compile the C++/CUDA ops (needs a CUDA toolkit; see common/ops)
+#   QS_BUILD_OPS=0        do not compile the C++ ops (the pure-PyTorch paths are used instead)
+#   QS_OPS_CUDA=0|1       compile the CUDA kernels too (default: only when a GPU is visible;
+#                         the CPU kernels are always built unless QS_BUILD_OPS=0)
 #
 # Downloads go through pip's own cache (~/.cache/pip) and ~/.cache/queryseg, shared between clones;
 # the environment itself is always private to the clone.
@@ -13,7 +15,8 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 CACHE=${QS_CACHE:-$HOME/.cache/queryseg}
 STAMP="$VENV/.queryseg-installed"
-HASH=$(cat constraints.txt setup.cfg scripts/install.sh | sha256sum | cut -c1-16)
+HASH=$( (cat constraints.txt setup.cfg setup.py scripts/install.sh common/ops/csrc/*; \
+  echo "${QS_BUILD_OPS:-1} ${QS_OPS_CUDA:-}") | sha256sum | cut -c1-16)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && "$VENV/bin/python" -c "import detectron2, torch, common" 2>/dev/null; then
   echo "[install] $VENV is up to date ($(cat "$STAMP"))"
@@ -46,7 +49,12 @@ if [ "${QS_SKIP_D2:-0}" != "1" ] && ! "$VENV/bin/python" -c "import detectron2.m
   "${PIP[@]}" --no-deps "$WHEEL"
 fi
 
-echo "[install] QuerySeg (editable)"
-QS_BUILD_OPS=${QS_BUILD_OPS:-0} "${PIP[@]}" --no-deps --no-build-isolation -e .
+export QS_BUILD_OPS=${QS_BUILD_OPS:-1}
+if [ -z "${QS_OPS_CUDA:-}" ]; then
+  QS_OPS_CUDA=$("$VENV/bin/python" -c "import torch; print(int(torch.cuda.is_available()))")
+fi
+export QS_OPS_CUDA
+echo "[install] QuerySeg (editable; C++ ops: build=$QS_BUILD_OPS cuda=$QS_OPS_CUDA)"
+"${PIP[@]}" --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c "import detectron2, torch, common; print('[install] torch', torch.__version__, '| detectron2', detectron2.__version__)"
 echo "$HASH" > "$STAMP"

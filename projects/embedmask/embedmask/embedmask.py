@@ -154,15 +154,15 @@ class EmbedMask(nn.Module):
 
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
         """Normalise and pad to the backbone's size divisibility. Returns [B, 3, H, W]."""
+        channels = self.pixel_mean.shape[0]
+        for x in batched_inputs:
+            if x["image"].dim() != 3 or x["image"].shape[0] != channels:
+                raise ValueError(
+                    f"EmbedMask expects images [{channels}, H, W], got {tuple(x['image'].shape)}"
+                )
         images = [
             (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
         ]
-        for img in images:
-            if img.dim() != 3 or img.shape[0] != self.pixel_mean.shape[0]:
-                raise ValueError(
-                    f"EmbedMask expects images [{self.pixel_mean.shape[0]}, H, W], "
-                    f"got {tuple(img.shape)}"
-                )
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def inference(

@@ -194,12 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--output", help="default: output/ablations/<name>")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every row")
+    p.add_argument("opts", nargs="*", help="KEY VALUE overrides for every row (anywhere)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     if args.list:
         for name in list_ablations():
             a = load_ablation(name)

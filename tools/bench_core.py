@@ -322,14 +322,22 @@ class Measurer:
             (model, median seconds per training iteration or None).
         """
         from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.engine.hooks import EvalHook
         from detectron2.utils.env import seed_all_rng
 
         from common.engine import Trainer
 
+        class _NoEvalTrainer(Trainer):
+            """The project's Trainer without the evaluation DefaultTrainer runs after the last
+            iteration: the benchmark evaluates once, itself, with progress reporting."""
+
+            def build_hooks(self):
+                return [h for h in super().build_hooks() if not isinstance(h, EvalHook)]
+
         seed_all_rng(self.settings.seed)
         s_iter = None
         if cfg.SOLVER.MAX_ITER > 0:
-            trainer = Trainer(cfg)
+            trainer = _NoEvalTrainer(cfg)
             units = cfg.SOLVER.IMS_PER_BATCH * _TRAIN_COST_PER_IMAGE
             trainer.register_hooks([_ProgressHook(advance, units)])
             trainer.resume_or_load(resume=False)

@@ -124,10 +124,14 @@ class Settings:
     opts: tuple[str, ...] = field(default_factory=tuple)  # KEY VALUE for every row, applied last
 
 
-#: Named schedules. "quick" is sized so that the default comparison finishes within 30 minutes
-#: on a 2-core CPU (tools/main_job.py); "full" keeps every config's documented schedule.
+#: Named schedules. "quick" is sized so that the ten default rows finish within 30 minutes on an
+#: idle 2-core CPU (tools/main_job.py; measured single-core cost of one batch-4 iteration summed
+#: over the rows: ~18 s, two thirds of it the two R-CNN baselines' GN RoI heads): a smoke-level
+#: comparison, far from converged. "full" keeps every config's documented `shapes` schedule
+#: (600 x 8 images, 600 train / 100 val images).
 SCHEDULES: dict[str, dict[str, Any]] = {
-    "quick": {"max_iter": 120, "num_train": 240, "num_val": 40, "repeats": 10, "warmup": 3},
+    "quick": {"max_iter": 100, "ims_per_batch": 4, "num_workers": 1, "num_train": 400,
+              "num_val": 40, "repeats": 10, "warmup": 3},
     "full": {},
 }
 
@@ -254,11 +258,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="QuerySeg benchmark on shapes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the default entries and exit")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every row")
+    p.add_argument("opts", nargs="*", help="KEY VALUE overrides for every row (anywhere)")
     return p
 
 
+def _move_trailing_opts(args: argparse.Namespace) -> None:
+    """``--config a.yaml b.yaml KEY VALUE``: the list options swallow trailing overrides; give
+    them back to ``opts`` (configs end in .yaml/.yml; names and weights: one per config)."""
+    if not args.config:
+        return
+    n = next((i for i, c in enumerate(args.config) if not c.endswith((".yaml", ".yml"))),
+             len(args.config))
+    spill, args.config = args.config[n:], args.config[:n]
+    for flag in ("names", "weights"):
+        values = getattr(args, flag)
+        if values and len(values) > len(args.config):
+            spill += values[len(args.config):]
+            setattr(args, flag, values[: len(args.config)])
+    args.opts = [*spill, *(args.opts or [])]
+
+
 def entries_from_args(args: argparse.Namespace) -> list[Entry]:
+    _move_trailing_opts(args)
     if not args.config:
         if args.names or args.weights:
             raise SystemExit("--names/--weights need --config")
@@ -296,7 +317,7 @@ def report_missing(entries: Sequence[Entry], missing: Sequence[Entry], discover:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     entries = entries_from_args(args)
     if args.list:
         for e in entries:

@@ -150,23 +150,22 @@ def test_hook_puts_gt_vs_prediction_panels_into_event_storage(shapes_tiny_env, t
     assert model.modes == [False] * 8 and model.training, "eval for drawing, training restored"
 
 
-def test_hook_in_trainer_writes_images_to_tensorboard(shapes_tiny_env, tmp_path):
+def test_trainer_with_vis_period_writes_images_to_tensorboard(shapes_tiny_env, tmp_path):
+    """common.engine.Trainer adds the hook when VIS_PERIOD > 0 (before the writers)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from common.data.shapes import configure_shapes_from_cfg
 
     cfg = _tiny_cfg(shapes_tiny_env, tmp_path)
-    cfg.VIS_PERIOD = 1  # Trainer.build_hooks adds the VisualizationHook
+    cfg.VIS_PERIOD = 1
     cfg.freeze()
     configure_shapes_from_cfg(cfg)
-
     trainer = Trainer(cfg)
     assert any(isinstance(h, VisualizationHook) for h in trainer._hooks)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
-    assert events
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     acc.Reload()
-    assert "vis/gt_vs_pred_0" in acc.Tags()["images"]
-    assert {e.step for e in acc.Images("vis/gt_vs_pred_0")} >= {1}
+    assert {"vis/gt_vs_pred_0", "vis/gt_vs_pred_1"} <= set(acc.Tags()["images"])
+    assert {e.step for e in acc.Images("vis/gt_vs_pred_0")} == {0, 1}  # after both iterations

@@ -33,9 +33,16 @@ def _ext_modules():
         return [], {}
     if want == "auto" and not (torch.cuda.is_available() and CUDA_HOME):
         return [], {}
-    from common.ops.build import extension_for_setup
+    # load common/ops/build.py by path: setup.py runs before the package is importable
+    import importlib.util
 
-    return extension_for_setup()
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "_qs_ops_build", os.path.join(here, "common", "ops", "build.py")
+    )
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.extension_for_setup()
 
 
 packages, package_dir = _packages()

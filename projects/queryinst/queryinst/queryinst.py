@@ -285,7 +285,7 @@ class QueryInst(nn.Module):
         masks = torch.zeros((len(boxes), out_h, out_w), dtype=torch.bool, device=boxes.device)
         if bool(inside.any()):
             masks[inside] = paste_masks_in_image(
-                mask_probs[inside], out_boxes[inside], (out_h, out_w), self.mask_threshold
+                mask_probs[inside], out_boxes.tensor[inside], (out_h, out_w), self.mask_threshold
             )
         result.pred_masks = masks
         out_boxes.clip((out_h, out_w))

@@ -22,6 +22,8 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import Tensor, nn
 
+from common.position_encoding import sine_position_encoding
+
 from .ms_deform_attn import MSDeformAttn
 
 __all__ = [
@@ -33,7 +35,8 @@ __all__ = [
 
 
 class PositionEmbeddingSine(nn.Module):
-    """DETR's normalised sine position encoding: (N, C, H, W) -> (N, 2 * num_pos_feats, H, W)."""
+    """DETR's normalised sine position encoding as a module:
+    (N, C, H, W) -> (N, 2 * num_pos_feats, H, W) (see ``common.position_encoding``)."""
 
     def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0) -> None:
         super().__init__()
@@ -42,20 +45,11 @@ class PositionEmbeddingSine(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, C, H, W) (only shape, device used) -> float32 (N, 2 * num_pos_feats, H, W)."""
-        N, _, H, W = x.shape
-        eps, scale = 1e-6, 2 * math.pi
-        y_embed = torch.arange(1, H + 1, dtype=torch.float32, device=x.device)
-        x_embed = torch.arange(1, W + 1, dtype=torch.float32, device=x.device)
-        y_embed = (y_embed / (H + eps) * scale)[:, None].expand(H, W)
-        x_embed = (x_embed / (W + eps) * scale)[None, :].expand(H, W)
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
-        pos_x = x_embed[..., None] / dim_t
-        pos_y = y_embed[..., None] / dim_t
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=3).flatten(2)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=3).flatten(2)
-        pos = torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)
-        return pos.unsqueeze(0).expand(N, -1, -1, -1)
+        pos = sine_position_encoding(
+            x.shape[2], x.shape[3], num_feats=self.num_pos_feats,
+            temperature=self.temperature, device=x.device,
+        )
+        return pos.expand(x.shape[0], -1, -1, -1)
 
 
 class MSDeformAttnEncoderLayer(nn.Module):

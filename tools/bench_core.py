@@ -1,216 +1,42 @@
-"""Measuring one config and reporting a table: the library behind ``tools/benchmark.py`` and
-``tools/ablate.py``.
+"""Running one benchmark/ablation row (build the config with the run-wide settings, train or load,
+evaluate, measure) and the run-wide progress bar: the engine behind ``tools/benchmark.py`` and
+``tools/ablate.py``. Measuring is in ``bench_measure``, the table in ``bench_report``.
 
-Measurements (all on the same fixed input, batch 1, model in eval mode, under ``no_grad``):
-
-- parameters: ``sum(p.numel())`` over ``model.parameters()``;
-- GFLOPs: Detectron2's fvcore ``FlopCountAnalysis`` (one fused multiply-add counts as one FLOP, as
-  the papers' tables do); ops fvcore has no handle for are not counted and are listed in the log;
-- latency: :func:`measure_latency`, the median of ``repeats`` timed calls after ``warmup`` calls
-  (CUDA synchronised around each call on a GPU);
-- peak memory: :func:`peak_memory_mb`; on CUDA ``torch.cuda.max_memory_allocated`` over one
-  forward; on the CPU the model's parameter and buffer bytes plus the process's peak-RSS increase
-  during one forward (Linux ``/proc/self/status`` VmHWM after resetting it through
-  ``/proc/self/clear_refs``, with freed heap returned first by ``malloc_trim``);
-- training seconds per iteration: the median of Detectron2's per-iteration ``time`` (data loading
-  included, first 3 iterations excluded).
+Training seconds per iteration are the median of Detectron2's per-iteration ``time`` (data
+loading included, first 3 iterations excluded).
 """
 
 from __future__ import annotations
 
-import csv
-import ctypes
 import gc
 import logging
 import math
 import os
 import platform
 import re
-import resource
 import statistics
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+from bench_measure import (
+    count_gflops,
+    count_parameters,
+    extract_metrics,
+    measure_latency,
+    peak_memory_mb,
+    task_of,
+)
+from bench_report import COLUMNS, fmt
 from detectron2.engine import HookBase
 
 logger = logging.getLogger("queryseg.benchmark")
 
-#: (CSV key, Markdown heading) of the table's columns, in order.
-COLUMNS = (
-    ("name", "Model"),
-    ("task", "Task"),
-    ("params_m", "Params (M)"),
-    ("gflops", "GFLOPs"),
-    ("latency_ms", "Latency (ms)"),
-    ("memory_mb", "Peak mem (MB)"),
-    ("train_s_iter", "Train (s/iter)"),
-    ("AP", "AP"),
-    ("PQ", "PQ"),
-    ("mIoU", "mIoU"),
-)
-_DIGITS = {"params_m": 2, "gflops": 2, "latency_ms": 1, "memory_mb": 0, "train_s_iter": 3,
-           "AP": 1, "PQ": 1, "mIoU": 1}
-#: metric column -> (evaluator result key, metric name); the first present is the plot's y axis.
-METRICS = {"AP": ("segm", "AP"), "PQ": ("panoptic_seg", "PQ"), "mIoU": ("sem_seg", "mIoU")}
-_PRIMARY = {"instance": "AP", "panoptic": "PQ", "semantic": "mIoU"}
 # Relative cost of one step of each stage, in "batch-1 forward passes", for the ETA.
 _TRAIN_COST_PER_IMAGE = 3.0
 _FLOPS_COST = 3.0
-
-
-# ---- measuring ---------------------------------------------------------------------------------
-
-
-@dataclass
-class LatencyStats:
-    """Latency of ``repeats`` timed calls, in milliseconds."""
-
-    median_ms: float
-    mean_ms: float
-    min_ms: float
-    max_ms: float
-    times_ms: list[float]
-
-
-def measure_latency(
-    fn: Callable[[], Any],
-    *,
-    warmup: int = 5,
-    repeats: int = 20,
-    synchronize: Callable[[], None] | None = None,
-    on_call: Callable[[], None] | None = None,
-) -> LatencyStats:
-    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; median etc. in ms.
-
-    Args:
-        fn: one inference (e.g. ``lambda: model(inputs)``).
-        synchronize: called after each call before the clock is read (``torch.cuda.synchronize``
-            on a GPU, so that asynchronous kernels are counted).
-        on_call: called after every call (progress reporting).
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    sync = synchronize or (lambda: None)
-    tick = on_call or (lambda: None)
-    for _ in range(warmup):
-        fn()
-        sync()
-        tick()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-        tick()
-    return LatencyStats(statistics.median(times), statistics.fmean(times), min(times),
-                        max(times), times)
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _proc_status_kb("VmHWM") is not None
-
-
-def peak_memory_mb(
-    fn: Callable[[], Any], model: torch.nn.Module, device: torch.device
-) -> tuple[float, str]:
-    """Peak memory of one call of ``fn`` (one forward), in MiB, and how it was measured.
-
-    CUDA: ``max_memory_allocated`` (weights + activations). CPU: the model's parameter/buffer
-    bytes plus the peak-RSS increase during the call (VmHWM - VmRSS before); where VmHWM cannot
-    be reset, the ``ru_maxrss`` increase (a lower bound: 0 if an earlier peak was higher).
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
-    tensors = [*model.parameters(), *model.buffers()]
-    model_mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
-    gc.collect()
-    if _reset_peak_rss():
-        before = _proc_status_kb("VmRSS")
-        fn()
-        peak = _proc_status_kb("VmHWM")
-        return model_mb + max(peak - before, 0) / 1024, "weights + peak RSS increase (VmHWM)"
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return model_mb + (after - before) / 1024, "weights + ru_maxrss increase (lower bound)"
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameters (trainable or not)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_gflops(model: torch.nn.Module, inputs: list[dict]) -> tuple[float, dict[str, int]]:
-    """GFLOPs of one eval-mode forward on ``inputs`` with fvcore (1 multiply-add = 1 FLOP).
-
-    Returns:
-        (GFLOPs, {op name: number of calls} of the ops fvcore could not count).
-    """
-    from detectron2.utils.analysis import FlopCountAnalysis
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fca = FlopCountAnalysis(model, inputs)
-            fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            total = fca.total()
-            return total / 1e9, dict(fca.unsupported_ops())
-    finally:
-        model.train(was_training)
-
-
-def extract_metrics(results: dict[str, dict[str, float]]) -> dict[str, float | None]:
-    """{"AP": mask AP, "PQ": ..., "mIoU": ...} from evaluator results (None when absent)."""
-    out = {}
-    for col, (task, key) in METRICS.items():
-        value = results.get(task, {}).get(key)
-        out[col] = None if value is None else float(value)
-    return out
-
-
-def task_of(results: dict[str, Any]) -> str:
-    """"panoptic" | "instance" | "semantic" from which evaluator produced results."""
-    if "panoptic_seg" in results:
-        return "panoptic"
-    if "segm" in results or "bbox" in results:
-        return "instance"
-    return "semantic" if "sem_seg" in results else "none"
-
-
-# ---- running one entry ------------------------------------------------------------------------
-
 
 class _ProgressHook(HookBase):
     def __init__(self, advance: Callable[[float], None], units: float):
@@ -248,6 +74,7 @@ class Measurer:
         self.device = torch.device(want)
         self.memory_method = "?"
         self.iters: dict[str, int] = {}
+        self.weight_rows: set[str] = set()
         self.train_sizes: set[str] = set()
         self.datasets: set[str] = set()
         self._latency_image: str | None = None
@@ -377,6 +204,9 @@ class Measurer:
             sched = f"{s.schedule}: {s.max_iter} iterations for every row"
         else:
             sched = f"{s.schedule}: each config's own schedule ({', '.join(map(str, iters))} it.)"
+        if self.weight_rows:
+            sched += (f"; rows with a checkpoint ({', '.join(sorted(self.weight_rows))}): "
+                      f"{s.timing_iters} timed training iterations, then the checkpoint")
         return {
             "device": _device_name(self.device),
             "torch": torch.__version__,
@@ -416,7 +246,10 @@ def measure_row(measurer: Measurer, entry: Any, bar: Any) -> dict[str, Any]:
                               f"{sh.NUM_VAL} val images")
         sizes = tuple(cfg.INPUT.MIN_SIZE_TRAIN)
         measurer.train_sizes.add(f"{sizes} max {cfg.INPUT.MAX_SIZE_TRAIN}")
-        measurer.iters[entry.name] = cfg.SOLVER.MAX_ITER
+        if entry.weights is None:
+            measurer.iters[entry.name] = cfg.SOLVER.MAX_ITER
+        else:
+            measurer.weight_rows.add(entry.name)
         bar.stage("train" if entry.weights is None else "time training + load weights")
         model, row["train_s_iter"] = measurer.train(cfg, entry, bar.advance)
         logger.info("%s: trained in %.0f s wall, %.0f s CPU", entry.name,
@@ -472,9 +305,6 @@ def measure_row(measurer: Measurer, entry: Any, bar: Any) -> dict[str, Any]:
     return row
 
 
-# ---- progress -----------------------------------------------------------------------------------
-
-
 class Progress:
     """One tqdm bar over the whole run, in estimated cost units, so its ETA covers every row."""
 
@@ -518,111 +348,3 @@ class Progress:
         handler = _TqdmHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         return handler
-
-
-# ---- reporting ----------------------------------------------------------------------------------
-
-
-def fmt(value: Any, digits: int = 2) -> str:
-    """A table cell: None -> "n/a" (not produced by this model), NaN -> "nan"."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def render_markdown(
-    rows: Sequence[dict], header: dict[str, str], *, title: str, notes: Sequence[str] = ()
-) -> str:
-    """The Markdown table with its settings header and footnotes."""
-    h = header
-    lines = [
-        f"## {title}", "",
-        f"**Device** {h['device']} · torch {h['torch']} · {h['threads']} threads · "
-        f"{h['date']} · whole run {h['elapsed']}", "",
-        f"**Same for every row:** seed {h['seed']} · loader {h['loader']} · schedule "
-        f"{h['schedule']} · data {h['dataset']} · train short sides {h['train_sizes']} · "
-        f"test/latency/GFLOPs input {h['input']}", "",
-        f"**Latency** {h['latency']} · **GFLOPs** {h['gflops']} · **Peak mem** {h['memory']} · "
-        f"**Train s/iter** {h['train_s_iter']} · **AP** mask AP (COCO) · **PQ** COCO panoptic · "
-        "**mIoU** semantic", "",
-        "| " + " | ".join(name for _, name in COLUMNS) + " |",
-        "|" + "|".join(":---" if k in ("name", "task") else "---:" for k, _ in COLUMNS) + "|",
-    ]
-    for r in rows:
-        cells = [fmt(r.get(k), _DIGITS.get(k, 2)) for k, _ in COLUMNS]
-        if r.get("error"):
-            cells[1] = "**failed**"
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    foot = ["n/a: the model does not produce that output."]
-    foot += [f"{r['name']} failed: {r['error']}" for r in rows if r.get("error")]
-    foot += [f"{r['name']}: {r['note']}" for r in rows if r.get("note")]
-    foot += list(notes)
-    foot += [f"{r['name']}: `{_relpath(r['config'])}`"
-             + (f" with weights `{r['weights']}`" if r.get("weights") else "") for r in rows]
-    lines += [f"- {n}" for n in foot]
-    return "\n".join(lines) + "\n"
-
-
-def _relpath(path: str) -> str:
-    """``path`` relative to the repository root when it lies inside it."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    full = os.path.abspath(os.path.join(repo, path))
-    return os.path.relpath(full, repo) if full.startswith(repo + os.sep) else full
-
-
-def write_csv(rows: Sequence[dict], header: dict[str, str], path: str) -> None:
-    """One line per row: the table's columns (full precision), config, error, then the header."""
-    keys = [k for k, _ in COLUMNS] + ["wall_s", "cpu_s", "method", "config", "weights", "error",
-                                      "note"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(keys + [f"setting_{k}" for k in header])
-        for r in rows:
-            cells = [fmt(r.get(k), 6) if k in _DIGITS else (r.get(k) or "") for k in keys]
-            cells[keys.index("wall_s")] = fmt(r.get("wall_s"), 1)
-            cells[keys.index("cpu_s")] = fmt(r.get("cpu_s"), 1)
-            cells[keys.index("config")] = _relpath(r["config"])
-            w.writerow(cells + list(header.values()))
-
-
-def plot_speed_accuracy(rows: Sequence[dict], path: str, *, title: str) -> None:
-    """Speed-accuracy plot (latency vs AP / PQ / mIoU), one panel per task, like the papers'
-    figures; rows of the same method are joined by a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def ok(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not math.isnan(x)
-
-    tasks = [t for t in ("instance", "panoptic", "semantic")
-             if any(r.get("task") == t and ok(r.get(_PRIMARY[t])) for r in rows)]
-    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.2 * max(len(tasks), 1), 4.2),
-                             squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        metric = _PRIMARY[task]
-        pts = [r for r in rows if r.get("task") == task and ok(r.get(metric))
-               and ok(r.get("latency_ms"))]
-        for method in dict.fromkeys(r["method"] for r in pts):
-            group = sorted((r for r in pts if r["method"] == method), key=lambda r: r["latency_ms"])
-            ax.plot([r["latency_ms"] for r in group], [r[metric] for r in group], "o-",
-                    label=method, markersize=7)
-            for r in group:
-                ax.annotate(r["name"], (r["latency_ms"], r[metric]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))
-        ax.set_xlabel("latency (ms, batch 1)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{task}: {metric} vs latency", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    if not tasks:
-        axes[0][0].text(0.5, 0.5, "no row has both a metric and a latency", ha="center")
-        axes[0][0].set_axis_off()
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

@@ -34,14 +34,8 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 if _TOOLS not in sys.path:  # `bench_core` sits beside this script
     sys.path.insert(0, _TOOLS)
 
-from bench_core import (  # noqa: E402
-    Measurer,
-    Progress,
-    measure_row,
-    plot_speed_accuracy,
-    render_markdown,
-    write_csv,
-)
+from bench_core import Measurer, Progress, measure_row  # noqa: E402
+from bench_report import plot_speed_accuracy, render_markdown, write_csv  # noqa: E402
 
 logger = logging.getLogger("queryseg.benchmark")
 
@@ -192,7 +186,8 @@ def run_entries(
     stem: str = "benchmark",
     on_row: Callable[[dict], None] | None = None,
 ) -> tuple[list[dict], dict[str, str]]:
-    """Measure every entry and write ``<stem>.{md,csv,png}`` under ``output_dir``.
+    """Measure every entry and write ``<stem>.{md,csv,png}`` under ``output_dir`` (rewritten
+    after every row, so that an interrupted run keeps the rows it finished).
 
     ``notes`` are added under the table (e.g. configs that were skipped).
 
@@ -205,17 +200,20 @@ def run_entries(
         torch.set_num_threads(settings.threads)
     measurer = Measurer(settings, output_dir)
     bar = Progress([measurer.cost(e) for e in entries], enabled=progress)
-    rows = []
+    rows: list[dict] = []
     start = time.perf_counter()
+    header = measurer.header(0.0)
     for i, entry in enumerate(entries):
         bar.start_row(i, entry.name)
         row = measure_row(measurer, entry, bar)
         rows.append(row)
         if on_row is not None:
             on_row(row)
+        # rewrite the outputs after every row: a long run that stops still leaves its table
+        header = measurer.header(time.perf_counter() - start)
+        pending = [f"not run yet: {e.name}" for e in entries[i + 1:]]
+        write_outputs(rows, header, output_dir, title=title, notes=[*notes, *pending], stem=stem)
     bar.close()
-    header = measurer.header(time.perf_counter() - start)
-    write_outputs(rows, header, output_dir, title=title, notes=notes, stem=stem)
     return rows, header
 
 

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import ablate  # noqa: E402
 import bench_core  # noqa: E402
+import bench_report  # noqa: E402
 import benchmark  # noqa: E402
 
 MASK_RCNN = "common/configs/baselines/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml"
@@ -73,15 +74,16 @@ def test_runner_gives_one_row_per_override_set(shapes_tiny_env, tmp_path):
     argv = [str(definition), "--output", str(out), "--max-iter", "4", "--ims-per-batch", "2",
             "--num-workers", "0", "--input-size", "64", "--warmup", "1", "--repeats", "2",
             "--no-progress", *shapes_tiny_env.cfg_opts, "INPUT.MIN_SIZE_TRAIN", "(64,)",
+            "MODEL.ROI_BOX_HEAD.NUM_CONV", "0",
             "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "10"]
     assert ablate.main(argv) == 0
     with open(out / "ablation.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == ["4 convs (default)", "1 conv"]
-    assert float(rows[1]["params_m"]) < float(rows[0]["params_m"])  # 3 fewer 256x256 convs
+    assert float(rows[1]["params_m"]) < float(rows[0]["params_m"])  # 3 fewer mask-head convs
     for r in rows:
-        assert all(r[k] != "" for k, _ in bench_core.COLUMNS)
+        assert all(r[k] != "" for k, _ in bench_report.COLUMNS)
         assert r["setting_seed"] == "42"
     md = (out / "ablation.md").read_text()
     assert "## Mask head depth" in md and "| 1 conv |" in md

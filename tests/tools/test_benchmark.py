@@ -16,13 +16,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import bench_core  # noqa: E402
+import bench_measure  # noqa: E402
+import bench_report  # noqa: E402
 import benchmark  # noqa: E402
 
 MASK_RCNN = "common/configs/baselines/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml"
-#: a few iterations, tiny batches, few proposals: a row costs seconds, not minutes
+#: a few iterations, tiny batches, few proposals, no box-head convs: a row costs seconds
 TINY_ARGS = ["--max-iter", "5", "--ims-per-batch", "2", "--num-workers", "0", "--input-size", "64",
              "--warmup", "2", "--repeats", "3", "--timing-iters", "4"]
-TINY_OPTS = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "MODEL.RPN.PRE_NMS_TOPK_TEST", "100",
+TINY_OPTS = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "MODEL.ROI_BOX_HEAD.NUM_CONV", "0",
+             "MODEL.RPN.PRE_NMS_TOPK_TEST", "100",
              "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
              "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "10",
              "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
@@ -43,7 +46,7 @@ class SlowStart:
 
 def test_latency_is_the_median_after_warmup():
     model = SlowStart(cold=3)
-    stats = bench_core.measure_latency(model, warmup=3, repeats=7)
+    stats = bench_measure.measure_latency(model, warmup=3, repeats=7)
     assert model.calls == 10
     assert len(stats.times_ms) == 7
     assert stats.median_ms < 60, "the slow first calls must fall in the untimed warm-up"
@@ -52,14 +55,14 @@ def test_latency_is_the_median_after_warmup():
 
 def test_latency_median_ignores_a_timed_outlier_that_a_mean_would_not():
     model = SlowStart(cold=0, slow=0.3, spike=4)  # one slow timed call
-    stats = bench_core.measure_latency(model, warmup=1, repeats=5)
+    stats = bench_measure.measure_latency(model, warmup=1, repeats=5)
     assert stats.max_ms > 250
     assert stats.median_ms < 60 < stats.mean_ms
 
 
 def test_latency_synchronises_around_every_timed_call():
     syncs = []
-    bench_core.measure_latency(lambda: None, warmup=2, repeats=3,
+    bench_measure.measure_latency(lambda: None, warmup=2, repeats=3,
                                synchronize=lambda: syncs.append(1))
     assert len(syncs) == 2 + 2 * 3  # after each warm-up call; before and after each timed call
 
@@ -71,7 +74,7 @@ def test_cpu_peak_memory_counts_weights_and_the_forward_peak():
         x = torch.ones(64, 1024, 1024)  # 256 MiB, freed at once
         return float(x[0, 0, 0])
 
-    mb, method = bench_core.peak_memory_mb(forward, model, torch.device("cpu"))
+    mb, method = bench_measure.peak_memory_mb(forward, model, torch.device("cpu"))
     assert method.startswith("weights +")
     assert 256 <= mb < 400, mb
 
@@ -115,7 +118,7 @@ def test_benchmark_end_to_end_writes_table_csv_and_plot(shapes_tiny_env, tmp_pat
     table = [ln for ln in md.splitlines() if ln.startswith("| Mask R-CNN tiny")]
     assert len(table) == 1
     cells = [c.strip() for c in table[0].strip("|").split("|")]
-    assert len(cells) == len(bench_core.COLUMNS) and all(cells), cells
+    assert len(cells) == len(bench_report.COLUMNS) and all(cells), cells
     assert cells[1] == "instance"
 
     (row,) = _read_csv(out / "benchmark.csv")
@@ -124,7 +127,7 @@ def test_benchmark_end_to_end_writes_table_csv_and_plot(shapes_tiny_env, tmp_pat
         assert math.isfinite(value) and (value > 0 or key == "AP"), (key, row[key])
     assert row["PQ"] == "n/a" and row["mIoU"] == "n/a"  # not produced by an instance model
     assert row["setting_device"].startswith(("cpu", "cuda")) and row["setting_torch"]
-    assert all(row[k] != "" for k, _ in bench_core.COLUMNS)
+    assert all(row[k] != "" for k, _ in bench_report.COLUMNS)
 
     png = (out / "benchmark.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 200_000
@@ -134,8 +137,8 @@ def test_benchmark_end_to_end_writes_table_csv_and_plot(shapes_tiny_env, tmp_pat
     out2 = tmp_path / "weights"
     weights = str(out / "rows" / "00_Mask_R-CNN_tiny" / "model_final.pth")
     argv = ["--config", MASK_RCNN, "--weights", weights, *TINY_ARGS, "--no-progress",
-            "--repeats", "1", "--warmup", "0", "--output", str(out2), *shapes_tiny_env.cfg_opts,
-            *TINY_OPTS]
+            "--repeats", "1", "--warmup", "0", "--timing-iters", "0", "--output", str(out2),
+            *shapes_tiny_env.cfg_opts, *TINY_OPTS]
     assert benchmark.main(argv) == 0
     (row2,) = _read_csv(out2 / "benchmark.csv")
     assert row2["weights"] == weights
@@ -151,3 +154,17 @@ def test_a_failing_row_is_recorded_instead_of_raised(shapes_tiny_env, tmp_path):
     assert "no_such" in rows[0]["error"]
     assert "failed" in (tmp_path / "benchmark.md").read_text()
     assert (tmp_path / "rows" / "00_broken" / "error.txt").exists()
+
+
+class _Attention(torch.nn.Module):
+    """q = k = v = the input image [heads, L, E] (batch 1), through fused attention."""
+
+    def forward(self, batched):
+        x = batched[0]["image"][None]
+        return [{"out": torch.nn.functional.scaled_dot_product_attention(x, x, x)}]
+
+
+def test_gflops_count_fused_attention_as_its_two_matrix_products():
+    gflops, uncounted = bench_measure.count_gflops(_Attention(), [{"image": torch.rand(2, 10, 8)}])
+    assert "aten::scaled_dot_product_attention" not in uncounted
+    assert gflops * 1e9 == pytest.approx(2 * 10 * 10 * (8 + 8))  # heads * Lq * Lk * (E + Ev)

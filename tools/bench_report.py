@@ -1,0 +1,132 @@
+"""The benchmark/ablation table: Markdown (with its settings header), CSV and the speed-accuracy
+plot, from the row dicts of ``bench_core.measure_row``."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+#: (CSV key, Markdown heading) of the table's columns, in order.
+COLUMNS = (
+    ("name", "Model"),
+    ("task", "Task"),
+    ("params_m", "Params (M)"),
+    ("gflops", "GFLOPs"),
+    ("latency_ms", "Latency (ms)"),
+    ("memory_mb", "Peak mem (MB)"),
+    ("train_s_iter", "Train (s/iter)"),
+    ("AP", "AP"),
+    ("PQ", "PQ"),
+    ("mIoU", "mIoU"),
+)
+_DIGITS = {"params_m": 2, "gflops": 2, "latency_ms": 1, "memory_mb": 0, "train_s_iter": 3,
+           "AP": 1, "PQ": 1, "mIoU": 1}
+#: the plot's y axis for each task
+PRIMARY = {"instance": "AP", "panoptic": "PQ", "semantic": "mIoU"}
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: None -> "n/a" (not produced by this model), NaN -> "nan"."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_markdown(
+    rows: Sequence[dict], header: dict[str, str], *, title: str, notes: Sequence[str] = ()
+) -> str:
+    """The Markdown table with its settings header and footnotes."""
+    h = header
+    lines = [
+        f"## {title}", "",
+        f"**Device** {h['device']} · torch {h['torch']} · {h['threads']} threads · "
+        f"{h['date']} · whole run {h['elapsed']}", "",
+        f"**Same for every row:** seed {h['seed']} · loader {h['loader']} · schedule "
+        f"{h['schedule']} · data {h['dataset']} · train short sides {h['train_sizes']} · "
+        f"test/latency/GFLOPs input {h['input']}", "",
+        f"**Latency** {h['latency']} · **GFLOPs** {h['gflops']} · **Peak mem** {h['memory']} · "
+        f"**Train s/iter** {h['train_s_iter']} · **AP** mask AP (COCO) · **PQ** COCO panoptic · "
+        "**mIoU** semantic", "",
+        "| " + " | ".join(name for _, name in COLUMNS) + " |",
+        "|" + "|".join(":---" if k in ("name", "task") else "---:" for k, _ in COLUMNS) + "|",
+    ]
+    for r in rows:
+        cells = [fmt(r.get(k), _DIGITS.get(k, 2)) for k, _ in COLUMNS]
+        if r.get("error"):
+            cells[1] = "**failed**"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    foot = ["n/a: the model does not produce that output."]
+    foot += [f"{r['name']} failed: {r['error']}" for r in rows if r.get("error")]
+    foot += [f"{r['name']}: {r['note']}" for r in rows if r.get("note")]
+    foot += list(notes)
+    foot += [f"{r['name']}: `{_relpath(r['config'])}`"
+             + (f" with weights `{r['weights']}`" if r.get("weights") else "") for r in rows]
+    lines += [f"- {n}" for n in foot]
+    return "\n".join(lines) + "\n"
+
+
+def _relpath(path: str) -> str:
+    """``path`` relative to the repository root when it lies inside it."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = os.path.abspath(os.path.join(repo, path))
+    return os.path.relpath(full, repo) if full.startswith(repo + os.sep) else full
+
+
+def write_csv(rows: Sequence[dict], header: dict[str, str], path: str) -> None:
+    """One line per row: the table's columns (full precision), config, error, then the header."""
+    keys = [k for k, _ in COLUMNS] + ["wall_s", "cpu_s", "method", "config", "weights", "error",
+                                      "note"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys + [f"setting_{k}" for k in header])
+        for r in rows:
+            cells = [fmt(r.get(k), 6) if k in _DIGITS else (r.get(k) or "") for k in keys]
+            cells[keys.index("wall_s")] = fmt(r.get("wall_s"), 1)
+            cells[keys.index("cpu_s")] = fmt(r.get("cpu_s"), 1)
+            cells[keys.index("config")] = _relpath(r["config"])
+            w.writerow(cells + list(header.values()))
+
+
+def plot_speed_accuracy(rows: Sequence[dict], path: str, *, title: str) -> None:
+    """Speed-accuracy plot (latency vs AP / PQ / mIoU), one panel per task, like the papers'
+    figures; rows of the same method are joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def ok(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not math.isnan(x)
+
+    tasks = [t for t in ("instance", "panoptic", "semantic")
+             if any(r.get("task") == t and ok(r.get(PRIMARY[t])) for r in rows)]
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.2 * max(len(tasks), 1), 4.2),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = PRIMARY[task]
+        pts = [r for r in rows if r.get("task") == task and ok(r.get(metric))
+               and ok(r.get("latency_ms"))]
+        for method in dict.fromkeys(r["method"] for r in pts):
+            group = sorted((r for r in pts if r["method"] == method), key=lambda r: r["latency_ms"])
+            ax.plot([r["latency_ms"] for r in group], [r[metric] for r in group], "o-",
+                    label=method, markersize=7)
+            for r in group:
+                ax.annotate(r["name"], (r["latency_ms"], r[metric]), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("latency (ms, batch 1)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{task}: {metric} vs latency", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if not tasks:
+        axes[0][0].text(0.5, 0.5, "no row has both a metric and a latency", ha="center")
+        axes[0][0].set_axis_off()
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

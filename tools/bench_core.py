@@ -103,8 +103,8 @@ class Measurer:
         if new_iter != old_iter:
             r = new_iter / old_iter
             # LR steps and warm-up keep their place in the schedule (steps must stay < MAX_ITER)
-            steps = tuple(s for s in (int(round(x * r)) for x in cfg.SOLVER.STEPS)
-                          if 0 < s < new_iter)
+            steps = tuple(step for step in (int(round(x * r)) for x in cfg.SOLVER.STEPS)
+                          if 0 < step < new_iter)
             forced += ["SOLVER.MAX_ITER", new_iter, "SOLVER.STEPS", steps,
                        "SOLVER.WARMUP_ITERS", int(round(cfg.SOLVER.WARMUP_ITERS * r))]
         forced += ["SOLVER.CHECKPOINT_PERIOD", max(new_iter, 1) * 10]  # final checkpoint only
@@ -115,16 +115,29 @@ class Measurer:
         merge_config(cfg, None, [str(x) for x in forced] + list(s.opts))
         return cfg
 
-    def cost(self, entry: Any) -> float:
-        """Estimated cost of an entry in batch-1 forward passes (for the ETA)."""
+    def cost(self, entry: Any) -> tuple[float, float]:
+        """Estimated cost of an entry for the ETA: (batch-1 forward passes, cost of one pass).
+
+        The cost of a pass is 1 + the GFLOPs of the untrained model on a random input (a rough
+        but cheap prior: the R-CNN baselines' passes cost far more than the query-based ones').
+        """
+        from detectron2.modeling import build_model
+
         s = self.settings
         try:
             cfg = self.build_cfg(entry, self.output_dir)
         except Exception:  # reported when the entry runs; any estimate will do here
-            return 1.0
+            return 1.0, 1.0
         iters = s.timing_iters if entry.weights is not None else cfg.SOLVER.MAX_ITER
-        train = iters * cfg.SOLVER.IMS_PER_BATCH * _TRAIN_COST_PER_IMAGE
-        return train + cfg.DATASETS.SHAPES.NUM_VAL + s.warmup + s.repeats + _FLOPS_COST + 1
+        passes = (iters * cfg.SOLVER.IMS_PER_BATCH * _TRAIN_COST_PER_IMAGE
+                  + cfg.DATASETS.SHAPES.NUM_VAL + s.warmup + s.repeats + _FLOPS_COST + 1)
+        try:
+            image = torch.randint(0, 256, (3, s.input_size, s.input_size), dtype=torch.uint8)
+            inputs = [{"image": image, "height": s.input_size, "width": s.input_size}]
+            weight = 1.0 + count_gflops(build_model(cfg), inputs)[0]
+        except Exception:  # same: the row reports its own errors
+            weight = 1.0
+        return passes, weight
 
     def latency_inputs(self, cfg) -> list[dict]:
         """The fixed batch-1 input: the first test image, resized to input_size x input_size."""
@@ -306,15 +319,22 @@ def measure_row(measurer: Measurer, entry: Any, bar: Any) -> dict[str, Any]:
 
 
 class Progress:
-    """One tqdm bar over the whole run, in estimated cost units, so its ETA covers every row."""
+    """One tqdm bar over the whole run, so that its ETA covers every row. Its unit is a row's
+    estimated cost of one forward pass (see :meth:`Measurer.cost`); stages report passes."""
 
-    def __init__(self, costs: Sequence[float], enabled: bool = True):
+    def __init__(self, costs: Sequence[tuple[float, float]], enabled: bool = True):
+        """
+        Args:
+            costs: per row, (forward passes, cost of one pass).
+        """
         from tqdm import tqdm
 
-        self._costs = list(costs)
+        self._weights = [w for _, w in costs]
+        self._costs = [p * w for p, w in costs]
         self._bar = tqdm(total=sum(self._costs), disable=not enabled, smoothing=0.0,
                          bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
         self.row_index, self._row_name, self._done_before = 0, "", 0.0
+        self.done = 0.0  # units done (tqdm stops counting when disabled)
 
     def start_row(self, index: int, name: str) -> None:
         self.row_index, self._row_name = index, name
@@ -325,13 +345,19 @@ class Progress:
         n = len(self._costs)
         self._bar.set_description_str(f"[{self.row_index + 1}/{n}] {self._row_name}: {what}")
 
-    def advance(self, units: float) -> None:
+    def advance(self, passes: float) -> None:
+        """``passes`` forward passes of the current row are done."""
         limit = self._done_before + self._costs[self.row_index]
-        self._bar.update(max(0.0, min(units, limit - self._bar.n)))
+        self._move_to(min(self.done + passes * self._weights[self.row_index], limit))
 
     def finish_row(self) -> None:
         """Jump to the row's end (its estimate may have been off)."""
-        self._bar.update(self._done_before + self._costs[self.row_index] - self._bar.n)
+        self._move_to(self._done_before + self._costs[self.row_index])
+
+    def _move_to(self, done: float) -> None:
+        if done > self.done:
+            self._bar.update(done - self.done)
+            self.done = done
 
     def close(self) -> None:
         self._bar.close()

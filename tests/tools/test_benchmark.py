@@ -168,3 +168,17 @@ def test_gflops_count_fused_attention_as_its_two_matrix_products():
     gflops, uncounted = bench_measure.count_gflops(_Attention(), [{"image": torch.rand(2, 10, 8)}])
     assert "aten::scaled_dot_product_attention" not in uncounted
     assert gflops * 1e9 == pytest.approx(2 * 10 * 10 * (8 + 8))  # heads * Lq * Lk * (E + Ev)
+
+
+def test_progress_weights_each_rows_passes_by_its_cost_for_the_eta():
+    bar = bench_core.Progress([(10, 1.0), (10, 5.0)], enabled=False)
+    assert bar._bar.total == 10 + 50
+    bar.start_row(0, "light")
+    bar.advance(4)
+    assert bar.done == 4
+    bar.finish_row()  # the estimate was off: jump to the row's end
+    bar.start_row(1, "heavy")
+    bar.advance(2)
+    assert bar.done == 10 + 2 * 5.0
+    bar.advance(100)  # never past the row's share
+    assert bar.done == 60

@@ -240,6 +240,8 @@ class KNet(nn.Module):
 
     # ---- data ---------------------------------------------------------------------------
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
+        """Normalize and pad to ``size_divisibility``: ImageList [B, 3, H_pad, W_pad]."""
+        check_images(batched_inputs, self.pixel_mean.shape[0])
         images = [
             (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
         ]
@@ -375,6 +377,18 @@ def build_knet_criteria(
         stage_matchers=[matcher(False, panoptic)] + [None] * (num_stages - 1),
     )
     return rpn_criterion, criterion
+
+
+def check_images(batched_inputs: list[dict[str, Any]], channels: int) -> None:
+    """Raise a clear error for inputs that are not [C, H, W] images with C = len(PIXEL_MEAN)."""
+    for i, x in enumerate(batched_inputs):
+        image = x.get("image")
+        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != channels:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(
+                f"input {i}: 'image' must be a [{channels}, H, W] tensor "
+                f"(MODEL.PIXEL_MEAN has {channels} values), got {shape}"
+            )
 
 
 def _merge_stuff(labels: Tensor, masks: Tensor, is_thing: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@ from common.losses import softmax_ce_loss
 
 from .decode_heads import FCNHead, _KernelDecodeHead, build_decode_head
 from .kernel_update_head import KernelUpdateHead
+from .knet import check_images
 
 
 @META_ARCH_REGISTRY.register()
@@ -45,6 +46,7 @@ class KNetSemantic(nn.Module):
         pixel_mean: list[float],
         pixel_std: list[float],
         size_divisibility: int,
+        test_size_divisibility: int = 32,
     ):
         """
         Args:
@@ -57,7 +59,10 @@ class KNetSemantic(nn.Module):
             ignore_value: label of ignored pixels (also the padding label).
             loss_weight: CE weight of every stage; aux_weight: CE weight of the aux head.
             pixel_mean, pixel_std: input normalization.
-            size_divisibility: pad inputs (and labels, with ``ignore_value``) to a multiple.
+            size_divisibility: pad training inputs (and labels, with ``ignore_value``) to a
+                multiple (the crop size, as mmseg's Pad).
+            test_size_divisibility: pad test inputs only to a multiple of this (mmseg does not
+                pad at test time; 32 keeps every backbone stride exact).
         """
         super().__init__()
         self.backbone = backbone
@@ -71,6 +76,7 @@ class KNetSemantic(nn.Module):
         self.loss_weight = loss_weight
         self.aux_weight = aux_weight
         self.size_divisibility = size_divisibility
+        self.test_size_divisibility = test_size_divisibility
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -143,6 +149,7 @@ class KNetSemantic(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": max(backbone.size_divisibility, cfg.INPUT.SIZE_DIVISIBILITY, 1),
+            "test_size_divisibility": max(backbone.size_divisibility, 32),
         }
 
     @property
@@ -181,11 +188,17 @@ class KNetSemantic(nn.Module):
         return self.inference(stage_logits[-1], batched_inputs, images)
 
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
-        """Normalize and pad to ``size_divisibility``: ImageList [B, 3, H_pad, W_pad]."""
+        """Normalize and pad (training: ``size_divisibility``, test: ``test_size_divisibility``).
+
+        Returns:
+            ImageList [B, 3, H_pad, W_pad].
+        """
+        check_images(batched_inputs, self.pixel_mean.shape[0])
         images = [
             (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
         ]
-        return ImageList.from_tensors(images, self.size_divisibility)
+        div = self.size_divisibility if self.training else self.test_size_divisibility
+        return ImageList.from_tensors(images, div)
 
     def forward_stages(self, features: list[Tensor]) -> list[Tensor]:
         """Returns the logits of every stage, [B, num_classes, h, w] each (stage 0 first)."""

@@ -110,13 +110,17 @@ class TestKNetSemanticFCN(MetaArchTestMixin):
 
     def test_stage_logits_are_at_stride_8(self, model):
         model.eval()
-        images = model.preprocess_image(self.batch(model, [1], with_targets=False))
-        assert images.tensor.shape[-2:] == (128, 128)  # padded to the 128 crop size
+        batch = self.batch(model, [1], with_targets=False)
+        model.train()
+        assert model.preprocess_image(batch).tensor.shape[-2:] == (128, 128)  # the crop size
+        model.eval()
+        images = model.preprocess_image(batch)
+        assert images.tensor.shape[-2:] == (64, 96)  # test: multiple of 32 only
         with torch.no_grad():
             feats = model.backbone(images.tensor)
             logits = model.forward_stages([feats[f] for f in model.in_features])
         assert len(logits) == 4
-        assert all(t.shape == (1, 9, 16, 16) for t in logits)
+        assert all(t.shape == (1, 9, 8, 12) for t in logits)
 
 
 def knet_get_cfg():
@@ -200,3 +204,11 @@ def test_unknown_task_is_an_error():
     )
     with pytest.raises(ValueError, match="TASK='semantic'"):
         build_model(cfg)
+
+
+def test_wrong_image_shape_is_an_error():
+    cfg = get_cfg()
+    merge_config(cfg, os.path.join(REPO, SHAPES, "knet_R18_shapes_instance.yaml"), SMALL)
+    model = build_model(cfg).eval()
+    with pytest.raises(ValueError, match=r"'image' must be a \[3, H, W\] tensor .* got \(64, 64\)"):
+        model([{"image": torch.zeros(64, 64, dtype=torch.uint8)}])

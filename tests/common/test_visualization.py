@@ -130,8 +130,10 @@ class _FixedModel(torch.nn.Module):
         return out
 
 
-def test_hook_puts_gt_vs_prediction_panels_into_event_storage(shapes_tiny_env, tmp_path):
+@pytest.mark.parametrize("dataset", ["shapes_val", "shapes_val_panoptic", "shapes_sem_seg_val"])
+def test_hook_puts_gt_vs_prediction_panels_into_event_storage(dataset, shapes_tiny_env, tmp_path):
     cfg = _tiny_cfg(shapes_tiny_env, tmp_path)
+    cfg.DATASETS.TEST = (dataset,)  # ground truth drawn from instance, panoptic or semantic dicts
     from common.data.shapes import configure_shapes_from_cfg
 
     configure_shapes_from_cfg(cfg)

@@ -11,11 +11,17 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import torch
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import Boxes, Instances
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["instance_inference", "semantic_inference", "panoptic_inference", "thing_class_ids"]
+__all__ = [
+    "instance_inference",
+    "semantic_inference",
+    "panoptic_inference",
+    "thing_class_ids",
+    "masks_to_boxes",
+]
 
 
 def thing_class_ids(metadata) -> set[int]:
@@ -24,6 +30,27 @@ def thing_class_ids(metadata) -> set[int]:
     if id_map:
         return set(int(v) for v in id_map.values())
     return set(range(len(getattr(metadata, "thing_classes", []) or [])))
+
+
+def masks_to_boxes(masks: Tensor) -> Tensor:
+    """Tight xyxy boxes of binary masks, vectorised (same values as Detectron2's
+    ``BitMasks.get_bounding_boxes``: exclusive max corner, zeros for empty masks).
+
+    Args:
+        masks: [N, H, W] bool.
+    Returns:
+        [N, 4] float32 on the masks' device.
+    """
+    n, h, w = masks.shape
+    if n == 0 or h == 0 or w == 0:
+        return torch.zeros(n, 4, device=masks.device)
+    x_any, y_any = masks.any(dim=1), masks.any(dim=2)  # [N, W], [N, H]
+    xs = torch.arange(w, device=masks.device).expand(n, w)
+    ys = torch.arange(h, device=masks.device).expand(n, h)
+    x1, x2 = torch.where(x_any, xs, w).amin(1), torch.where(x_any, xs, -1).amax(1) + 1
+    y1, y2 = torch.where(y_any, ys, h).amin(1), torch.where(y_any, ys, -1).amax(1) + 1
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
+    return torch.where(x_any.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
 
 
 def instance_inference(
@@ -62,9 +89,7 @@ def instance_inference(
 
     result = Instances(tuple(mask_pred.shape[-2:]))
     result.pred_masks = binary
-    result.pred_boxes = BitMasks(binary).get_bounding_boxes().to(binary.device)
-    if len(query_idx) == 0:
-        result.pred_boxes = Boxes(torch.zeros(0, 4, device=mask_pred.device))
+    result.pred_boxes = Boxes(masks_to_boxes(binary))
     result.scores = top_scores * mask_scores
     result.pred_classes = labels
     return result

@@ -32,17 +32,22 @@ from detectron2.modeling import build_model  # noqa: E402
 from common.engine import get_cfg, merge_config  # noqa: E402
 
 CONFIGS = {
-    "FastInst-D1 R50": ("projects/fastinst/configs/fastinst_R50_ppm-fpn_D1_576_50ep_coco.yaml",
-                        (576, 777)),
-    "FastInst-D3 R50": ("projects/fastinst/configs/fastinst_R50_ppm-fpn_D3_640_50ep_coco.yaml",
-                        (640, 853)),
+    "FastInst-D1 R50": (
+        "projects/fastinst/configs/fastinst_R50_ppm-fpn_D1_576_50ep_coco.yaml",
+        (576, 777),
+    ),
+    "FastInst-D3 R50": (
+        "projects/fastinst/configs/fastinst_R50_ppm-fpn_D3_640_50ep_coco.yaml",
+        (640, 853),
+    ),
 }
 
 
 def build(config: str, opts: list[str]) -> torch.nn.Module:
     cfg = get_cfg()
-    merge_config(cfg, os.path.join(REPO, config), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "",
-                                                   *opts])
+    merge_config(
+        cfg, os.path.join(REPO, config), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts]
+    )
     model = build_model(cfg)
     return model.eval()
 

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # the main job's schedule: quick (CPU, < 30 min) or full (the documented CPU schedules)
 SCHEDULE ?= quick
 
-.PHONY: install demo test test-fast lint cuda-check clean-build
+.PHONY: install demo test test-learning test-all lint cuda-check clean-build
 
 install:
 	bash scripts/install.sh
@@ -13,12 +13,17 @@ install:
 demo: install
 	$(PY) tools/main_job.py --schedule $(SCHEDULE)
 
-# The full test suite (what CI runs).
+# The test suite CI runs: everything but the learning tests (marked `slow`).
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
 
-test-fast: install
-	$(PY) -m pytest -q tests -m "not slow"
+# The learning tests: each method trains briefly on `shapes` and must reach AP/PQ/mIoU thresholds
+# through the real evaluators (minutes each on a 2-core CPU).
+test-learning: install
+	$(PY) -m pytest -q -m slow tests
+
+test-all: install
+	$(PY) -m pytest -q tests
 
 lint: install
 	$(VENV)/bin/ruff check common projects tests tools train_net.py

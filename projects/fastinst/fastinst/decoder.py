@@ -25,7 +25,9 @@ from detectron2.config import CfgNode, configurable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, sine_position_embedding
+from common.position_encoding import sine_position_encoding
+
+from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 from .query_proposal import QueryProposal
 
 __all__ = ["FastInstDecoder"]
@@ -144,8 +146,8 @@ class FastInstDecoder(nn.Module):
         """[1, D, H, W] positional embedding for an H x W map (``ref`` gives device/dtype)."""
         size = (int(size[0]), int(size[1]))
         if self.meta_pos_embed is None:
-            return sine_position_embedding(
-                size, self.hidden_dim, device=ref.device, dtype=ref.dtype
+            return sine_position_encoding(
+                *size, num_feats=self.hidden_dim // 2, device=ref.device, dtype=ref.dtype
             )
         return F.interpolate(self.meta_pos_embed, size=size, mode="bilinear", align_corners=False)
 

@@ -9,9 +9,6 @@ normal, std 0.02); the official one is left uninitialised (FastInst issue #57).
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -20,7 +17,6 @@ __all__ = [
     "SelfAttentionLayer",
     "FFNLayer",
     "MLP",
-    "sine_position_embedding",
 ]
 
 
@@ -146,32 +142,3 @@ class MLP(nn.Module):
         return x
 
 
-def sine_position_embedding(
-    size: tuple[int, int],
-    dim: int,
-    *,
-    device: torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-    temperature: float = 10000.0,
-) -> Tensor:
-    """DETR's normalised sine embedding of an unmasked H x W grid (``dim/2`` channels per axis,
-    y first; positions (i + 1) / H * 2 pi, as DETR with ``normalize=True``).
-
-    Returns:
-        [1, dim, H, W].
-    """
-    if dim % 2:
-        raise ValueError(f"sine positional embedding needs an even dim, got {dim}")
-    h, w = size
-    npf = dim // 2
-    eps, scale = 1e-6, 2 * math.pi
-    y = torch.arange(1, h + 1, device=device, dtype=torch.float32)[:, None].expand(h, w)
-    x = torch.arange(1, w + 1, device=device, dtype=torch.float32)[None, :].expand(h, w)
-    y = y / (h + eps) * scale
-    x = x / (w + eps) * scale
-    dim_t = torch.arange(npf, device=device, dtype=torch.float32)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / npf)
-    px, py = x[..., None] / dim_t, y[..., None] / dim_t
-    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=3).flatten(2)
-    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=3).flatten(2)
-    return torch.cat((py, px), dim=2).permute(2, 0, 1)[None].to(dtype)

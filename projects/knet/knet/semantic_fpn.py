@@ -7,11 +7,10 @@ are Detectron2 ``Conv2d`` with a norm, so their state-dict names differ (see the
 
 from __future__ import annotations
 
-import math
-
-import torch
 from detectron2.layers import Conv2d, get_norm
 from torch import Tensor, nn
+
+from common.position_encoding import sine_position_encoding
 
 
 def conv_norm_relu(
@@ -28,40 +27,6 @@ def conv_norm_relu(
         norm=get_norm(norm, out_channels),
         activation=nn.ReLU(inplace=True),
     )
-
-
-def sine_positional_encoding(
-    batch: int,
-    height: int,
-    width: int,
-    *,
-    num_feats: int = 128,
-    temperature: float = 10000.0,
-    scale: float = 2 * math.pi,
-    eps: float = 1e-6,
-    device: torch.device | None = None,
-) -> Tensor:
-    """DETR/mmcv ``SinePositionalEncoding`` (normalize=True, offset 0) for an all-valid mask.
-
-    Returns:
-        [batch, 2 * num_feats, height, width]: y-encoding channels then x-encoding channels,
-        each with sin/cos interleaved along the frequency axis.
-    """
-    y = torch.arange(1, height + 1, dtype=torch.float32, device=device)
-    x = torch.arange(1, width + 1, dtype=torch.float32, device=device)
-    y = y / (height + eps) * scale
-    x = x / (width + eps) * scale
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    pos_y = y[:, None] / dim_t  # [H, F]
-    pos_x = x[:, None] / dim_t  # [W, F]
-    pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)
-    pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)
-    pos = torch.cat(
-        (pos_y[:, None, :].expand(height, width, -1), pos_x[None, :, :].expand(height, width, -1)),
-        dim=2,
-    )
-    return pos.permute(2, 0, 1)[None].expand(batch, -1, -1, -1)
 
 
 class SemanticFPN(nn.Module):
@@ -140,11 +105,11 @@ class SemanticFPN(nn.Module):
         fused = None
         for i, (x, convs) in enumerate(zip(features, self.convs_all_levels)):
             if i == self.pos_encoding_level:
-                b, _, h, w = x.shape
-                pos = sine_positional_encoding(
-                    b, h, w, num_feats=self.in_channels // 2, device=x.device
+                h, w = x.shape[-2:]
+                pos = sine_position_encoding(
+                    h, w, num_feats=self.in_channels // 2, device=x.device, dtype=x.dtype
                 )
-                x = x + pos.to(x.dtype)
+                x = x + pos
             y = convs(x)
             fused = y if fused is None else fused + y
         return self.conv_pred(fused), self.aux_convs[0](fused)

@@ -119,12 +119,13 @@ class Settings:
 
 
 #: Named schedules. "quick" is sized so that the ten default rows finish within 30 minutes on an
-#: idle 2-core CPU (tools/main_job.py; measured single-core cost of one batch-4 iteration summed
-#: over the rows: ~18 s, two thirds of it the two R-CNN baselines' GN RoI heads): a smoke-level
-#: comparison, far from converged. "full" keeps every config's documented `shapes` schedule
-#: (600 x 8 images, 600 train / 100 val images).
+#: idle 2-core CPU (tools/main_job.py): 240 training images per row, about 1.5 CPU-s per image for
+#: each R-CNN baseline (their GN RoI heads) and 0.1-0.3 for each query-based model, measured on
+#: this project's `shapes` configs. A smoke-level comparison: cost columns are meaningful, the
+#: models are far from converged. "full" keeps every config's documented `shapes` schedule
+#: (600 x 8 images; 600 train / 100 val images).
 SCHEDULES: dict[str, dict[str, Any]] = {
-    "quick": {"max_iter": 100, "ims_per_batch": 4, "num_workers": 1, "num_train": 400,
+    "quick": {"max_iter": 120, "ims_per_batch": 2, "num_workers": 1, "num_train": 240,
               "num_val": 40, "repeats": 10, "warmup": 3},
     "full": {},
 }

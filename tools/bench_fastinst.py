@@ -10,6 +10,7 @@ fvcore GFLOPs of one pass at that size.
 
     python tools/bench_fastinst.py                     # FastInst-D1 and -D3, R50
     python tools/bench_fastinst.py --threads 1 --iters 5 --flops
+    python tools/bench_fastinst.py --all --flops --iters 0     # params and GFLOPs of all six
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from common.engine import get_cfg, merge_config  # noqa: E402
 
+_C = "projects/fastinst/configs/"
 CONFIGS = {
-    "FastInst-D1 R50": (
-        "projects/fastinst/configs/fastinst_R50_ppm-fpn_D1_576_50ep_coco.yaml",
-        (576, 777),
-    ),
-    "FastInst-D3 R50": (
-        "projects/fastinst/configs/fastinst_R50_ppm-fpn_D3_640_50ep_coco.yaml",
-        (640, 853),
-    ),
+    "FastInst-D1 R50": (_C + "fastinst_R50_ppm-fpn_D1_576_50ep_coco.yaml", (576, 777)),
+    "FastInst-D3 R50": (_C + "fastinst_R50_ppm-fpn_D3_640_50ep_coco.yaml", (640, 853)),
+}
+MORE_CONFIGS = {  # --all
+    "FastInst-D1 R101": (_C + "fastinst_R101_ppm-fpn_D1_576_50ep_coco.yaml", (576, 777)),
+    "FastInst-D3 R101": (_C + "fastinst_R101_ppm-fpn_D3_640_50ep_coco.yaml", (640, 853)),
+    "FastInst-D1 R50-d-DCN": (_C + "fastinst_R50-d-DCN_ppm-fpn_D1_576_50ep_coco.yaml", (576, 777)),
+    "FastInst-D3 R50-d-DCN": (_C + "fastinst_R50-d-DCN_ppm-fpn_D3_640_50ep_coco.yaml", (640, 853)),
 }
 
 
@@ -52,11 +54,41 @@ def build(config: str, opts: list[str]) -> torch.nn.Module:
     return model.eval()
 
 
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _sdpa_flops(inputs, outputs) -> int:
+    """scaled_dot_product_attention: Q K^T and (softmax) V, one multiply-add each."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    return _numel(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def _deform_conv_flops(inputs, outputs) -> int:
+    """torchvision deform_conv2d: as a convolution of the same shapes (sampling not counted)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    weight, out = get_shape(inputs[1]), get_shape(outputs[0])
+    return _numel(out) * _numel(weight[1:])
+
+
 def gflops(model: torch.nn.Module, inputs: list[dict]) -> float:
-    """fvcore FLOPs (one fused multiply-add = one flop, as detectron2/FastInst report)."""
+    """fvcore FLOPs (one fused multiply-add = one flop, as detectron2/FastInst report), with
+    handles for the fused attention and torchvision's deformable convolution."""
     from detectron2.utils.analysis import FlopCountAnalysis
 
     counter = FlopCountAnalysis(model, inputs)
+    counter.set_op_handle(
+        "aten::scaled_dot_product_attention",
+        _sdpa_flops,
+        "torchvision::deform_conv2d",
+        _deform_conv_flops,
+    )
     counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return counter.total() / 1e9
 
@@ -81,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--flops", action="store_true", help="also count GFLOPs (fvcore)")
+    parser.add_argument("--all", action="store_true", help="also R101 and R50-d-DCN")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -90,17 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, batch 1")
     print("| model | input (h x w) | params (M) | GFLOPs | median s/img | min s/img |")
     print("|---|---|---|---|---|---|")
-    for name, (config, size) in CONFIGS.items():
+    configs = {**CONFIGS, **(MORE_CONFIGS if args.all else {})}
+    for name, (config, size) in configs.items():
         model = build(config, args.opts)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         flops = "-"
         if args.flops:
             image = torch.zeros(3, *size, dtype=torch.uint8)
             flops = f"{gflops(model, [{'image': image}]):.1f}"
-        times = bench(model, size, args.warmup, args.iters)
+        times = bench(model, size, args.warmup, args.iters) if args.iters > 0 else [float("nan")]
         print(
             f"| {name} | {size[0]} x {size[1]} | {params:.1f} | {flops} | "
-            f"{statistics.median(times):.3f} | {min(times):.3f} |"
+            f"{statistics.median(times):.3f} | {min(times):.3f} |",
+            flush=True,
         )
     return 0
 

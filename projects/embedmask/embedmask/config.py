@@ -34,11 +34,11 @@ def add_fcos_config(cfg: CN) -> None:
     # Sigmoid focal loss alpha and gamma of the classification loss.
     cfg.MODEL.FCOS.LOSS_ALPHA = 0.25
     cfg.MODEL.FCOS.LOSS_GAMMA = 2.0
-    # Inference: score threshold, candidates per level before NMS, class-wise NMS IoU, kept boxes.
+    # Inference: score threshold, candidates per level before NMS, class-wise NMS IoU (the number
+    # of detections kept per image is TEST.DETECTIONS_PER_IMAGE, 100 for COCO).
     cfg.MODEL.FCOS.INFERENCE_TH = 0.05
     cfg.MODEL.FCOS.PRE_NMS_TOPK = 1000
     cfg.MODEL.FCOS.NMS_TH = 0.6
-    cfg.MODEL.FCOS.POST_NMS_TOPK = 100
     # Apply INFERENCE_TH to cls * centerness instead of cls alone (AdelaiDet: True).
     cfg.MODEL.FCOS.THRESH_WITH_CTR = False
 

@@ -238,7 +238,7 @@ class FCOS(nn.Module):
             "inference_th": f.INFERENCE_TH,
             "pre_nms_topk": f.PRE_NMS_TOPK,
             "nms_th": f.NMS_TH,
-            "post_nms_topk": f.POST_NMS_TOPK,
+            "post_nms_topk": cfg.TEST.DETECTIONS_PER_IMAGE,
             "thresh_with_ctr": f.THRESH_WITH_CTR,
         }
 

@@ -1,7 +1,7 @@
 """EmbedMask learns on `shapes`: the loss falls and box/mask AP rise through the COCO evaluator.
 
 Sized for <= 4 minutes on an idle 2-core CPU: 64 px images (200 train / 50 val), the shapes config
-with a 128-channel FPN and 2-conv towers, 300 iterations x 8 images.
+(AdamW 5e-4) with a 128-channel FPN and 2-conv towers, 300 iterations x 8 images.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ OVERRIDES = [
     "SOLVER.MAX_ITER", "300",
     "SOLVER.STEPS", "(240,)",
     "SOLVER.WARMUP_ITERS", "20",
+    "SOLVER.CHECKPOINT_PERIOD", "100000",
     "DATALOADER.NUM_WORKERS", "0",
 ]  # fmt: skip
 

@@ -89,3 +89,30 @@ def test_wrong_image_layout_is_reported():
     batch[0]["image"] = batch[0]["image"][:1]
     with pytest.raises(ValueError, match=r"expects images \[3, H, W\]"):
         model(batch)
+
+
+def test_masks_are_resized_from_the_stride4_map_and_cropped_to_boxes():
+    from detectron2.structures import Boxes, Instances
+
+    cfg = get_cfg()
+    merge_config(cfg, os.path.join(REPO, SHAPES_CFG), SMALL)
+    model = build_model(cfg)
+    det = Instances((32, 48))
+    det.pred_boxes = Boxes(torch.tensor([[16.0, 8.0, 28.0, 16.0]]))
+    det.scores = torch.tensor([0.9])
+    det.pred_classes = torch.tensor([2])
+    log_prob = torch.full((1, 8, 12), -10.0)  # stride-4 grid of a 32 x 48 input
+    log_prob[0, 2:4, 4:7] = 0.0  # cells covering input rows 8..15, cols 16..27
+    out = model._postprocess(det, log_prob, (32, 48), (64, 96))
+    assert out.pred_masks.shape == (1, 64, 96)
+    # inside (output = 2 x input; interpolating the step to -10 trims ~half a cell per side)
+    assert out.pred_masks[0, 20:28, 37:52].all()
+    assert not out.pred_masks[0, :14].any() and not out.pred_masks[0, 34:].any()
+    assert not out.pred_masks[0, :, :30].any() and not out.pred_masks[0, :, 58:].any()
+    torch.testing.assert_close(out.pred_boxes.tensor, torch.tensor([[32.0, 16.0, 56.0, 32.0]]))
+    # box crop: box 16..28 x 8..16 -> cells 4..7 x 2..4, padded by 2 cells
+    full = torch.zeros(1, 8, 12)
+    cropped = model._crop_to_boxes(full, det.pred_boxes.tensor)
+    inside = torch.zeros(8, 12, dtype=torch.bool)
+    inside[0:7, 2:10] = True
+    assert ((cropped[0] == 0) == inside).all()

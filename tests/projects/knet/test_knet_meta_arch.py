@@ -53,6 +53,18 @@ class TestKNetInstance(MetaArchTestMixin):
         model.train()
         assert set(model(self.batch(model, [2, 1]))) == self.expected_loss_keys
 
+    def test_visualizer_draws_instances(self, model):
+        from detectron2.data import MetadataCatalog
+        from detectron2.utils.visualizer import Visualizer
+
+        model.eval()
+        batch = self.batch(model, [1], with_targets=False)
+        with torch.no_grad():
+            inst = model(batch)[0]["instances"][:5]
+        image = batch[0]["image"].permute(1, 2, 0).numpy()
+        out = Visualizer(image, MetadataCatalog.get("shapes_train")).draw_instance_predictions(inst)
+        assert out.get_image().shape == image.shape
+
     def test_instance_output_is_top_k_with_mask_boxes(self, model):
         model.eval()
         with torch.no_grad():
@@ -85,6 +97,22 @@ class TestKNetPanoptic(MetaArchTestMixin):
         weight = model.kernel_head.conv_seg.weight
         torch.testing.assert_close(kernels[0, 10:], weight[5:])
         torch.testing.assert_close(masks[:, 10:], stage0["seg_logits"][:, 5:])
+
+    def test_visualizer_draws_panoptic_and_instance_output(self, model):
+        from detectron2.data import MetadataCatalog
+        from detectron2.utils.visualizer import Visualizer
+
+        model.eval()
+        model.instance_score_thr = 0.0  # untrained scores: keep every thing segment
+        batch = self.batch(model, [1], with_targets=False)
+        with torch.no_grad():
+            pan, info = model(batch)[0]["panoptic_seg"]
+        assert info, "the merge kept no segment"
+        image = batch[0]["image"].permute(1, 2, 0).numpy()
+        meta = MetadataCatalog.get("shapes_train_panoptic")
+        out = Visualizer(image, meta).draw_panoptic_seg(pan, info)
+        assert out.get_image().shape == image.shape
+        model.instance_score_thr = 0.3
 
 
 class TestKNetSemanticUPerNet(MetaArchTestMixin):

@@ -1,0 +1,37 @@
+"""QueryInst learns on `shapes`: a short CPU run of the shapes config (smaller images, fewer
+iterations) must lower the loss clearly and reach box and mask AP well above zero through
+Detectron2's COCO evaluator."""
+
+from __future__ import annotations
+
+import pytest
+from learning import loss_fell, train_and_evaluate
+
+CONFIG = "projects/queryinst/configs/shapes/queryinst_R18_FPN_shapes.yaml"
+#: sized for <= 4 minutes on 2 idle CPU cores
+OVERRIDES = [
+    "DATASETS.SHAPES.IMAGE_SIZE", "64",
+    "DATASETS.SHAPES.NUM_TRAIN", "200",
+    "DATASETS.SHAPES.NUM_VAL", "50",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "128",
+    "MODEL.FPN.OUT_CHANNELS", "64",
+    "MODEL.QUERYINST.MASK_CONV_DIM", "64",
+    "SOLVER.IMS_PER_BATCH", "8",
+    "SOLVER.BASE_LR", "0.0004",
+    "SOLVER.MAX_ITER", "200",
+    "SOLVER.STEPS", "(170,)",
+    "SOLVER.WARMUP_ITERS", "20",
+    "SOLVER.CHECKPOINT_PERIOD", "100000",
+    "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_queryinst_learns_on_shapes(tmp_path):
+    losses, results = train_and_evaluate(CONFIG, OVERRIDES, str(tmp_path), threads=2)
+    assert loss_fell(losses, 0.7), losses
+    assert results["bbox"]["AP"] > 10.0, results["bbox"]
+    assert results["segm"]["AP"] > 10.0, results["segm"]

@@ -16,6 +16,14 @@ def add_common_config(cfg: CN) -> None:
     cfg.QUERYSEG_COMMON = True  # marker: common keys present
     add_ops_config(cfg)  # backbone variants (ResNet-vd/D8, Swin) and the MSDeformAttn decoder
 
+    # ---- checkpoints (common.checkpoint.QSCheckpointer) ----------------------------------------
+    # Refuse MODEL.WEIGHTS that do not fit the model (another meta-architecture, missing or
+    # unexpected keys, wrong shapes) instead of loading what fits. False: Detectron2's behaviour
+    # (warn and continue), e.g. to fine-tune a checkpoint with another number of classes.
+    cfg.MODEL.WEIGHTS_STRICT = True
+    # Load checkpoints with full pickle instead of weights_only (only for files you trust).
+    cfg.MODEL.WEIGHTS_TRUSTED = False
+
     # ---- data pipeline -------------------------------------------------------------------
     # Name of the training dataset mapper in common.data.MAPPER_REGISTRY:
     # "instance" | "panoptic" | "semantic" | "detectron2" (Detectron2's own DatasetMapper).

@@ -229,7 +229,20 @@ _d2_defaults.create_ddp_model = _create_ddp_model  # DefaultTrainer.__init__ loo
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer wired to QuerySeg's mappers, evaluators and optimizer."""
+    """DefaultTrainer wired to QuerySeg's mappers, evaluators, optimizer and strict checkpointer."""
+
+    def __init__(self, cfg: CfgNode):
+        super().__init__(cfg)
+        from common.checkpoint import QSCheckpointer
+
+        old = self.checkpointer
+        self.checkpointer = QSCheckpointer.from_config(
+            cfg, old.model, cfg.OUTPUT_DIR, **old.checkpointables
+        )
+        # the PeriodicCheckpointer hook was built with the old one
+        for h in self._hooks:
+            if getattr(h, "checkpointer", None) is old:
+                h.checkpointer = self.checkpointer
 
     def build_hooks(self):
         """Detectron2's hooks plus, with ``VIS_PERIOD > 0``, ground-truth-vs-prediction images in

@@ -14,6 +14,7 @@ from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 
+from common.checkpoint import QSCheckpointer
 from common.visualization import choose_task, draw_predictions, labelled_grid
 
 logger = logging.getLogger("queryseg.demo")
@@ -66,7 +67,15 @@ class SegmentationDemo:
         self.threshold = confidence_threshold
         names = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN
         self.metadata = MetadataCatalog.get(names[0] if names else "__unused")
-        self.predictor = DefaultPredictor(cfg)
+        # DefaultPredictor's own loading warns and goes on when weights do not fit; build it
+        # without weights and load them with QuerySeg's strict, weights_only checkpointer.
+        bare = cfg.clone()
+        bare.defrost()
+        bare.MODEL.WEIGHTS = ""
+        bare.freeze()
+        self.predictor = DefaultPredictor(bare)
+        if cfg.MODEL.WEIGHTS:
+            QSCheckpointer.from_config(cfg, self.predictor.model).load(cfg.MODEL.WEIGHTS)
 
     def run_on_image(self, image_bgr: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
         """Predict and draw.

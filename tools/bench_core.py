@@ -161,7 +161,6 @@ class Measurer:
         Returns:
             (model, median seconds per training iteration or None).
         """
-        from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.engine.hooks import EvalHook
         from detectron2.utils.env import seed_all_rng
 
@@ -190,7 +189,9 @@ class Measurer:
         else:
             model = Trainer.build_model(cfg)
         if entry.weights is not None:
-            DetectionCheckpointer(model).load(entry.weights)
+            from common.checkpoint import QSCheckpointer
+
+            QSCheckpointer.from_config(cfg, model).load(entry.weights)
         return model, s_iter
 
     def evaluate(self, cfg, model: torch.nn.Module, advance: Callable[[float], None]) -> dict:

@@ -1,0 +1,467 @@
+"""Checkpoints in and out: safe loading, strict matching, and the machinery every converter shares.
+
+- :func:`load_checkpoint_file` opens a ``.pth``/``.pkl`` without running arbitrary pickled code:
+  ``torch.load(weights_only=True)`` (NumPy arrays allowed), and a restricted unpickler for
+  Detectron2/Caffe2 ``.pkl`` files. A file that needs more is refused, naming the file and the
+  object, unless the caller says it is trusted.
+- :func:`extract_model_state` finds the weights in the common layouts (mmcv ``state_dict``,
+  Detectron2/maskrcnn-benchmark ``model``, a bare state dict) and strips DDP's ``module.``.
+- :class:`Rule` / :func:`convert_state_dict` / :func:`check_against_model` / :func:`save_converted`
+  are the converter core (``tools/convert_*.py``): every source key must match a rule (or be dropped
+  on purpose), every target key must be produced with the model's shape, and nothing is written
+  while any of that fails: the error lists every offending key.
+- :class:`QSCheckpointer` is Detectron2's checkpointer for training and ``--eval-only``: it records
+  the meta-architecture in what it saves and refuses a checkpoint of another model, a checkpoint
+  with missing/unexpected keys or wrong shapes (``MODEL.WEIGHTS_STRICT False`` restores Detectron2's
+  warn-and-continue, e.g. to fine-tune with another number of classes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded or converted as asked; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Safe loading
+# --------------------------------------------------------------------------------------------
+
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+}
+
+
+def _numpy_safe_globals() -> list[Any]:
+    out: list[Any] = [np.ndarray, np.dtype]
+    out += [type(np.dtype(t)) for t in ("f4", "f8", "f2", "i8", "i4", "i2", "i1", "u1", "b1")]
+    core = getattr(np, "_core", None) or np.core
+    out += [core.multiarray._reconstruct, core.multiarray.scalar]
+    return out
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles containers, numbers, strings and NumPy arrays, nothing else."""
+
+    def __init__(self, f, path: str):
+        super().__init__(f, encoding="latin1")
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _NUMPY_GLOBALS or (
+            module.startswith("numpy") and name.endswith("DType")
+        ):
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"{self._path}: refusing to unpickle {module}.{name} (only arrays and containers are "
+            "loaded from untrusted .pkl files); pass trusted=True / --trust if you trust the file"
+        )
+
+
+def load_checkpoint_file(path: str, trusted: bool = False) -> Any:
+    """Load a checkpoint file without executing arbitrary pickled code unless ``trusted``.
+
+    ``.pkl`` files (Detectron2 model zoo, Caffe2/Detectron1 ImageNet weights) go through a
+    restricted unpickler; everything else through ``torch.load(weights_only=True)`` with NumPy
+    arrays allowed. Raises :class:`CheckpointError` naming ``path`` on a missing, truncated or
+    unsafe file.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        if path.endswith(".pkl"):
+            with open(path, "rb") as f:
+                if trusted:
+                    return pickle.load(f, encoding="latin1")
+                return _RestrictedUnpickler(f, path).load()
+        if trusted:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: not loadable with weights_only=True ({str(e).splitlines()[0]}). It holds "
+            "objects other than tensors/arrays/containers; if you trust the file, pass "
+            "trusted=True / --trust (MODEL.WEIGHTS_TRUSTED True for train_net.py)"
+        ) from e
+    except (EOFError, RuntimeError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def extract_model_state(obj: Any, path: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """Return the model weights of a loaded checkpoint as ``{name: tensor}``.
+
+    Accepts mmcv (``{"state_dict": ..., "meta": ...}``), Detectron2 / maskrcnn-benchmark
+    (``{"model": ...}``), pycls (``model_state``) and bare state dicts; strips ``module.``.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+    for key in ("state_dict", "model", "model_state"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    out: dict[str, torch.Tensor] = {}
+    bad = []
+    for k, v in obj.items():
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(np.ascontiguousarray(v))
+        if not isinstance(v, torch.Tensor):
+            bad.append(k)
+            continue
+        out[k.removeprefix("module.")] = v
+    if bad:
+        raise CheckpointError(
+            f"{path}: not a model state dict; non-tensor entries: {', '.join(bad[:10])}"
+            + (f" (+{len(bad) - 10} more)" if len(bad) > 10 else "")
+        )
+    if not out:
+        raise CheckpointError(f"{path}: the checkpoint holds no weights")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion core
+# --------------------------------------------------------------------------------------------
+
+Transform = Callable[[torch.Tensor], "torch.Tensor | Sequence[torch.Tensor]"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One source-key rule. ``pattern`` must match the whole source key (``re.fullmatch``).
+
+    ``target``: a replacement template (``\\1`` groups allowed), a sequence of templates when one
+    tensor is split into several (``transform`` then returns one tensor per target), or ``None``
+    to drop the key on purpose (solver state, ``num_batches_tracked``, an ImageNet classifier).
+    """
+
+    pattern: str
+    target: str | Sequence[str] | None
+    transform: Transform | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "_re", re.compile(self.pattern))
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion could not do; :attr:`ok` when there is nothing to report."""
+
+    unmapped: list[str] = field(default_factory=list)  # source keys no rule matched
+    duplicates: list[str] = field(default_factory=list)  # target keys produced twice
+    missing: list[str] = field(default_factory=list)  # model keys the conversion did not produce
+    unexpected: list[str] = field(default_factory=list)  # produced keys the model does not have
+    shapes: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, ours, model)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unmapped or self.duplicates or self.missing or self.unexpected
+                    or self.shapes)  # fmt: skip
+
+    def format(self, limit: int = 40) -> str:
+        lines = []
+
+        def block(title: str, items: list) -> None:
+            if items:
+                lines.append(f"{title} ({len(items)}):")
+                lines.extend(f"  {x}" for x in items[:limit])
+                if len(items) > limit:
+                    lines.append(f"  ... {len(items) - limit} more")
+
+        block("source keys no rule maps", self.unmapped)
+        block("target keys produced twice", self.duplicates)
+        block("model keys the checkpoint does not provide", self.missing)
+        block("converted keys the model does not have", self.unexpected)
+        block("shape mismatches (key, converted, model)",
+              [f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in self.shapes])  # fmt: skip
+        return "\n".join(lines)
+
+
+def convert_state_dict(
+    src: Mapping[str, torch.Tensor], rules: Sequence[Rule]
+) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+    """Apply ``rules`` (first full match wins) to every source key.
+
+    Returns the converted dict and a report listing unmapped source keys and target keys that two
+    source keys produced. Nothing is silently dropped: a key leaves only through a ``None`` rule.
+    """
+    out: dict[str, torch.Tensor] = {}
+    report = ConversionReport()
+    for key, value in src.items():
+        for rule in rules:
+            m = rule._re.fullmatch(key)
+            if m is None:
+                continue
+            if rule.target is None:
+                break
+            targets = [rule.target] if isinstance(rule.target, str) else list(rule.target)
+            values = rule.transform(value) if rule.transform is not None else value
+            if isinstance(values, torch.Tensor):
+                values = [values]
+            if len(values) != len(targets):
+                raise CheckpointError(
+                    f"rule {rule.pattern!r} produced {len(values)} tensors for {len(targets)} "
+                    f"targets on {key!r}"
+                )
+            for tmpl, v in zip(targets, values):
+                new = m.expand(tmpl)
+                if new in out:
+                    report.duplicates.append(new)
+                out[new] = v.contiguous()
+            break
+        else:
+            report.unmapped.append(key)
+    return out, report
+
+
+def check_against_model(
+    state: Mapping[str, torch.Tensor],
+    model_or_state: torch.nn.Module | Mapping[str, torch.Tensor],
+    report: ConversionReport | None = None,
+) -> ConversionReport:
+    """Compare converted weights with a model's ``state_dict()``: missing, unexpected, shapes."""
+    report = report or ConversionReport()
+    target = (
+        model_or_state.state_dict()
+        if isinstance(model_or_state, torch.nn.Module)
+        else model_or_state
+    )
+    report.missing += sorted(k for k in target if k not in state)
+    report.unexpected += sorted(k for k in state if k not in target)
+    report.shapes += [
+        (k, tuple(v.shape), tuple(target[k].shape))
+        for k, v in state.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    return report
+
+
+def save_converted(
+    state: Mapping[str, torch.Tensor],
+    report: ConversionReport,
+    dst: str,
+    source: str,
+    meta_architecture: str | None = None,
+) -> None:
+    """Write ``{"model": state, ...}`` for ``MODEL.WEIGHTS``, or raise listing every problem.
+
+    Nothing is written when ``report`` is not ok.
+    """
+    if not report.ok:
+        raise CheckpointError(f"not writing {dst}: the conversion of {source} is incomplete\n"
+                              + report.format())  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    payload = {
+        "model": dict(state),
+        "__author__": f"QuerySeg converter ({os.path.basename(source)})",
+        "matching_heuristics": False,
+    }
+    if meta_architecture:
+        payload["meta_architecture"] = meta_architecture
+    tmp = dst + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, dst)
+
+
+def class_permutation(src_names: Sequence[str], dst_names: Sequence[str], what: str) -> list[int]:
+    """Indices ``p`` such that ``src_tensor[p]`` is in ``dst_names`` order (matched by name)."""
+    index = {n: i for i, n in enumerate(src_names)}
+    missing = [n for n in dst_names if n not in index]
+    if missing or len(src_names) != len(dst_names):
+        raise CheckpointError(
+            f"{what}: class lists differ; target classes absent from the source: {missing}; "
+            f"{len(src_names)} source vs {len(dst_names)} target classes"
+        )
+    return [index[n] for n in dst_names]
+
+
+def permute_rows(perm: Sequence[int], extra: int = 0) -> Transform:
+    """Transform reordering the first ``len(perm)`` rows (classes) and keeping ``extra`` trailing
+    rows (a background / no-object row) in place."""
+    idx = torch.as_tensor([*perm, *range(len(perm), len(perm) + extra)])
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] != len(idx):
+            raise CheckpointError(f"expected {len(idx)} class rows, found shape {tuple(t.shape)}")
+        return t[idx]
+
+    return apply
+
+
+def model_from_config(config_file: str, opts: Sequence[str] = ()) -> tuple[torch.nn.Module, Any]:
+    """Build the (randomly initialised) CPU model a converted checkpoint is checked against."""
+    from detectron2.modeling import build_model
+
+    from common.engine import get_cfg, merge_config
+
+    cfg = get_cfg()
+    merge_config(cfg, config_file, [*opts, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    cfg.freeze()
+    model = build_model(cfg)
+    model.eval()
+    return model, cfg
+
+
+def converter_main(
+    description: str,
+    convert: Callable[[dict[str, torch.Tensor], Any], tuple[dict, ConversionReport]],
+    default_config: str | None,
+    argv: Sequence[str] | None = None,
+    formats: Sequence[str] = (),
+) -> int:
+    """Shared CLI of ``tools/convert_*.py``: load (safely), convert, check against the QuerySeg
+    model built from ``--config-file``, and write only when every key maps.
+
+    ``convert(state, args)`` returns the converted state and its report; ``args.format`` holds the
+    chosen ``--format`` when ``formats`` is given.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("src", help="the official checkpoint (.pth / .pkl)")
+    parser.add_argument("dst", help="output .pth for MODEL.WEIGHTS")
+    parser.add_argument("--config-file", default=default_config,
+                        help="QuerySeg config whose model the result must load into "
+                             f"(default: {default_config})")  # fmt: skip
+    if formats:
+        parser.add_argument("--format", choices=list(formats), default=formats[0],
+                            help="source layout")  # fmt: skip
+    parser.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow arbitrary pickled objects in src (only for files you trust)",
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    state = extract_model_state(load_checkpoint_file(args.src, trusted=args.trust), args.src)
+    converted, report = convert(state, args)
+    meta = None
+    if args.config_file:
+        model, cfg = model_from_config(args.config_file, args.opts)
+        check_against_model(converted, model, report)
+        meta = type(model).__name__
+    try:
+        save_converted(converted, report, args.dst, args.src, meta)
+    except CheckpointError as e:
+        sys.stderr.write(f"{e}\n")
+        return 1
+    checked = f" (checked against {args.config_file})" if args.config_file else ""
+    sys.stdout.write(f"converted {len(state)} tensors into {len(converted)}: {args.dst}{checked}\n")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Strict loading in train_net.py
+# --------------------------------------------------------------------------------------------
+
+
+def _prefixes(keys: Iterable[str], depth: int = 2) -> set[str]:
+    return {".".join(k.split(".")[:depth]) for k in keys}
+
+
+class QSCheckpointer(DetectionCheckpointer):
+    """:class:`DetectionCheckpointer` that loads safely and strictly.
+
+    - Saves ``meta_architecture`` with every checkpoint; loading a checkpoint of another
+      meta-architecture is an error that names both.
+    - ``strict`` (``MODEL.WEIGHTS_STRICT``): unexpected keys and shape mismatches are errors;
+      missing keys are errors too, except for an initialisation checkpoint that covers only part
+      of the model (an ImageNet backbone: keys only under ``backbone.``), where only the modules
+      it covers must be complete.
+    - ``trusted`` (``MODEL.WEIGHTS_TRUSTED``): allow full pickles; otherwise ``weights_only``.
+    """
+
+    def __init__(self, model, save_dir: str = "", *, strict: bool = True, trusted: bool = False,
+                 **checkpointables):  # fmt: skip
+        super().__init__(model, save_dir, **checkpointables)
+        self.strict = strict
+        self.trusted = trusted
+        self._loading = "<checkpoint>"
+
+    @classmethod
+    def from_config(cls, cfg, model, save_dir: str = "", **checkpointables) -> QSCheckpointer:
+        return cls(model, save_dir, strict=cfg.MODEL.WEIGHTS_STRICT,
+                   trusted=cfg.MODEL.WEIGHTS_TRUSTED, **checkpointables)  # fmt: skip
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        kwargs.setdefault("meta_architecture", type(self.model).__name__)
+        super().save(name, **kwargs)
+
+    def load(self, path: str, checkpointables=None):
+        self._loading = path
+        return super().load(path, checkpointables)
+
+    def _load_file(self, filename: str):
+        if filename.endswith(".pkl"):
+            data = load_checkpoint_file(filename, trusted=self.trusted)
+            if isinstance(data, Mapping) and "model" in data and "__author__" in data:
+                return dict(data)
+            if isinstance(data, Mapping) and "blobs" in data:
+                data = data["blobs"]
+            model = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
+        return super()._load_file(filename)
+
+    def _torch_load(self, f: str):
+        return load_checkpoint_file(f, trusted=self.trusted)
+
+    def _load_model(self, checkpoint):
+        path = self._loading
+        ours = type(self.model).__name__
+        theirs = checkpoint.get("meta_architecture")
+        if theirs and theirs != ours and self.strict:
+            raise CheckpointError(
+                f"{path} is a {theirs} checkpoint but the config builds {ours} "
+                "(check MODEL.WEIGHTS / --config-file)"
+            )
+        ckpt_keys = [k.removeprefix("module.") for k in checkpoint.get("model", {})]
+        heuristic = bool(checkpoint.get("matching_heuristics", False))
+        incompatible = super()._load_model(checkpoint)
+        if incompatible is None or not self.strict:
+            return incompatible
+        partial = heuristic or all(k.startswith("backbone.") for k in ckpt_keys)
+        missing = list(incompatible.missing_keys)
+        if partial:
+            covered = _prefixes(k for k in self.model.state_dict() if k not in missing)
+            if not covered:
+                raise CheckpointError(
+                    f"{path}: none of its {len(ckpt_keys)} keys matches the {ours} model "
+                    f"(first keys: {', '.join(ckpt_keys[:5])}); convert it with tools/convert_*.py"
+                )
+            missing = [k for k in missing if ".".join(k.split(".")[:2]) in covered]
+        report = ConversionReport(
+            missing=missing,
+            unexpected=list(incompatible.unexpected_keys),
+            shapes=list(incompatible.incorrect_shapes),
+        )
+        if not report.ok:
+            hint = f" ({theirs} checkpoint)" if theirs else ""
+            raise CheckpointError(
+                f"{path}{hint} does not fit the {ours} model built from the config; not loading "
+                "a partial model (MODEL.WEIGHTS_STRICT False loads what fits, as Detectron2 "
+                "does, e.g. to fine-tune with another number of classes)\n" + report.format(10)
+            )
+        return incompatible

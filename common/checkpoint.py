@@ -434,7 +434,7 @@ class QSCheckpointer(DetectionCheckpointer):
         theirs = checkpoint.get("meta_architecture")
         if theirs and theirs != ours and self.strict:
             raise CheckpointError(
-                f"{path} is a {theirs} checkpoint but the config builds {ours} "
+                f"{path} is a checkpoint of {theirs}, but the config builds {ours} "
                 "(check MODEL.WEIGHTS / --config-file)"
             )
         ckpt_keys = [k.removeprefix("module.") for k in checkpoint.get("model", {})]

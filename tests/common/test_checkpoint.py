@@ -147,7 +147,7 @@ def test_strict_loading_refuses_partial_and_wrong_models(tmp_path):
     class Other(Net):
         pass
 
-    with pytest.raises(CheckpointError, match="is a Net checkpoint but the config builds Other"):
+    with pytest.raises(CheckpointError, match="is a checkpoint of Net, but the config builds Other"):
         QSCheckpointer(Other()).load(path)
 
     # a full-model checkpoint with a missing key

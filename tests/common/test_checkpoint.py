@@ -102,7 +102,8 @@ def test_check_against_model_and_refusal_to_write(tmp_path):
     assert report.missing == ["bias"] and report.unexpected == ["extra"]
     assert report.shapes == [("weight", (2, 4), (2, 3))]
     dst = tmp_path / "out.pth"
-    with pytest.raises(CheckpointError, match=r"(?s)not writing .*bias.*extra.*\(2, 4\) vs \(2, 3\)"):
+    refused = r"(?s)not writing .*bias.*extra.*\(2, 4\) vs \(2, 3\)"
+    with pytest.raises(CheckpointError, match=refused):
         save_converted(state, report, str(dst), "src.pth")
     assert not dst.exists()
     good = {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}
@@ -147,7 +148,7 @@ def test_strict_loading_refuses_partial_and_wrong_models(tmp_path):
     class Other(Net):
         pass
 
-    with pytest.raises(CheckpointError, match="is a checkpoint of Net, but the config builds Other"):
+    with pytest.raises(CheckpointError, match="checkpoint of Net, but the config builds Other"):
         QSCheckpointer(Other()).load(path)
 
     # a full-model checkpoint with a missing key

@@ -331,12 +331,18 @@ def converter_main(
     default_config: str | None,
     argv: Sequence[str] | None = None,
     formats: Sequence[str] = (),
+    target: Callable[[torch.nn.Module], Mapping[str, torch.Tensor]] | None = None,
 ) -> int:
     """Shared CLI of ``tools/convert_*.py``: load (safely), convert, check against the QuerySeg
     model built from ``--config-file``, and write only when every key maps.
 
     ``convert(state, args)`` returns the converted state and its report; ``args.format`` holds the
-    chosen ``--format`` when ``formats`` is given.
+    chosen ``--format`` when ``formats`` is given, ``args.model``/``args.cfg`` the model built
+    from ``--config-file`` and its config (``None`` without one), so that a conversion can ask it
+    (e.g. which norms keep a BatchNorm counter). ``target(model)`` selects the part of the model's
+    state the result must match exactly (default: all of it, and the result records the
+    meta-architecture); a backbone initialisation passes its backbone part and records none,
+    since one backbone file serves every method.
     """
     import argparse
 
@@ -354,15 +360,23 @@ def converter_main(
         action="store_true",
         help="allow arbitrary pickled objects in src (only for files you trust)",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "opts", nargs="*", help="KEY VALUE config overrides (anywhere after src dst)"
+    )
+    args = parser.parse_intermixed_args(argv)
     state = extract_model_state(load_checkpoint_file(args.src, trusted=args.trust), args.src)
-    converted, report = convert(state, args)
+    args.model, args.cfg = (
+        model_from_config(args.config_file, args.opts) if args.config_file else (None, None)
+    )
+    try:
+        converted, report = convert(state, args)
+    except CheckpointError as e:
+        sys.stderr.write(f"{e}\n")
+        return 1
     meta = None
-    if args.config_file:
-        model, cfg = model_from_config(args.config_file, args.opts)
-        check_against_model(converted, model, report)
-        meta = type(model).__name__
+    if args.model is not None:
+        check_against_model(converted, target(args.model) if target else args.model, report)
+        meta = None if target else type(args.model).__name__
     try:
         save_converted(converted, report, args.dst, args.src, meta)
     except CheckpointError as e:
@@ -445,7 +459,12 @@ class QSCheckpointer(DetectionCheckpointer):
         partial = heuristic or all(k.startswith("backbone.") for k in ckpt_keys)
         missing = list(incompatible.missing_keys)
         if partial:
-            covered = _prefixes(k for k in self.model.state_dict() if k not in missing)
+            # BatchNorm fills in a missing num_batches_tracked itself: it proves no coverage
+            covered = _prefixes(
+                k
+                for k in self.model.state_dict()
+                if k not in missing and not k.endswith(".num_batches_tracked")
+            )
             if not covered:
                 raise CheckpointError(
                     f"{path}: none of its {len(ckpt_keys)} keys matches the {ours} model "

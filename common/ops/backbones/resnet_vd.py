@@ -19,7 +19,6 @@ Detectron2 (``stem.conv{1,2,3}``, ``res{2..5}.{i}.conv{1,2,3}``, ``shortcut``, `
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import fvcore.nn.weight_init as weight_init
@@ -34,6 +33,9 @@ from detectron2.modeling.backbone.resnet import (
     ResNet,
 )
 from torch import Tensor
+
+from common.checkpoint import convert_state_dict
+from common.convert_rules import resnet_layout, resnet_rules
 
 __all__ = [
     "DeepStem",
@@ -201,22 +203,17 @@ def build_resnet_vd_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResNetVd:
     )
 
 
-_DEEP_STEM_KEYS = {  # timm ResNet-C/D (conv1.N, bn1) and mmcv ResNetV1c/V1d (stem.N)
-    "conv1.0": "stem.conv1",
-    "conv1.1": "stem.conv1.norm",
-    "conv1.3": "stem.conv2",
-    "conv1.4": "stem.conv2.norm",
-    "conv1.6": "stem.conv3",
-    "bn1": "stem.conv3.norm",
-    "stem.0": "stem.conv1",
-    "stem.1": "stem.conv1.norm",
-    "stem.3": "stem.conv2",
-    "stem.4": "stem.conv2.norm",
-    "stem.6": "stem.conv3",
-    "stem.7": "stem.conv3.norm",
-}
-_PLAIN_STEM_KEYS = {"conv1": "stem.conv1", "bn1": "stem.conv1.norm"}
-_BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")
+def _unwrap(state_dict: Mapping[str, object]) -> dict[str, object]:
+    """Remove a ``state_dict``/``model`` wrapper and ``module.``/``backbone.`` key prefixes."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state_dict.get(wrapper), Mapping):
+            state_dict = state_dict[wrapper]
+    sd = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "backbone."):
+            k = k.removeprefix(prefix)
+        sd[k] = v
+    return sd
 
 
 def convert_resnet_weights(state_dict: Mapping[str, object]) -> dict[str, object]:
@@ -226,7 +223,8 @@ def convert_resnet_weights(state_dict: Mapping[str, object]) -> dict[str, object
     ``bn{k}`` -> ``conv{k}.norm``, the shortcut (``downsample.{0,1}`` or, with avg-down,
     ``downsample.{1,2}``) -> ``shortcut``/``shortcut.norm``, and DCN offsets
     (``conv2_offset`` or mmcv's ``conv2.conv_offset``) -> ``conv2_offset``. Drops ``fc.*``.
-    A leading ``module.``, ``backbone.`` or ``state_dict``/``model`` wrapper is removed.
+    A leading ``module.``, ``backbone.`` or ``state_dict``/``model`` wrapper is removed. The
+    rules are ``common.convert_rules.resnet_rules`` (also used by ``tools/convert_backbone.py``).
 
     Args:
         state_dict: {name: tensor}, possibly wrapped as {"state_dict": ...} or {"model": ...}.
@@ -234,35 +232,12 @@ def convert_resnet_weights(state_dict: Mapping[str, object]) -> dict[str, object
     Returns:
         {Detectron2 name (``stem.conv1.weight``, ``res2.0.conv1.norm.weight``, ...): tensor},
         without a ``backbone.`` prefix.
+
+    Raises:
+        KeyError: listing the keys no rule maps.
     """
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state_dict.get(wrapper), Mapping):
-            state_dict = state_dict[wrapper]
-    sd = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "backbone."):
-            k = k[len(prefix) :] if k.startswith(prefix) else k
-        sd[k] = v
-    deep = any(k.startswith(("conv1.0.", "stem.0.")) for k in sd)
-    stem_keys = _DEEP_STEM_KEYS if deep else _PLAIN_STEM_KEYS
-    avg_down_blocks = {k.rsplit(".downsample.", 1)[0] for k in sd if ".downsample.2." in k}
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("fc."):
-            continue
-        module, _, leaf = k.rpartition(".")
-        if module in stem_keys:
-            out[f"{stem_keys[module]}.{leaf}"] = v
-            continue
-        m = _BLOCK.match(k)
-        if m is None:
-            raise KeyError(f"unexpected ResNet key {k!r}")
-        stage, block, rest = int(m.group(1)), m.group(2), m.group(3)
-        rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", rest)
-        rest = rest.replace("conv2.conv_offset.", "conv2_offset.")
-        if rest.startswith("downsample."):
-            index, tail = rest[len("downsample.") :].split(".", 1)
-            conv_index = 1 if f"layer{stage}.{block}" in avg_down_blocks else 0
-            rest = ("shortcut." if int(index) == conv_index else "shortcut.norm.") + tail
-        out[f"res{stage + 1}.{block}.{rest}"] = v
+    sd = _unwrap(state_dict)
+    out, report = convert_state_dict(sd, resnet_rules(**resnet_layout(sd)))
+    if report.unmapped:
+        raise KeyError(f"unexpected ResNet keys {report.unmapped}")
     return out

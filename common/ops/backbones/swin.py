@@ -19,7 +19,6 @@ window 7 (12 for the 384 ImageNet-22K weights).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -31,6 +30,9 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from common.checkpoint import convert_state_dict
+from common.convert_rules import swin_layout, swin_rules
 
 __all__ = ["SwinBackbone", "build_swin_backbone", "build_swin_fpn_backbone", "convert_swin_weights"]
 
@@ -250,32 +252,36 @@ def build_swin_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
 
 
 def convert_swin_weights(state_dict: Mapping[str, object]) -> dict[str, object]:
-    """Rename an official Swin state dict (ImageNet classification or detection) to ours.
+    """Rename an official or timm Swin state dict (ImageNet classification or detection) to ours.
 
-    ``layers.{i}.downsample`` (end of stage i) becomes ``layers.{i+1}.downsample`` (timm: start
-    of stage i + 1); buffers (``relative_position_index``, ``attn_mask``), the classifier
-    (``head.*``) and its final ``norm.*`` are dropped; detection ``norm0..norm3`` are kept.
-    A ``model``/``state_dict`` wrapper and a ``module.``/``backbone.`` prefix are removed.
+    Official: ``layers.{i}.downsample`` (end of stage i) becomes ``layers.{i+1}.downsample``
+    (timm: start of stage i + 1); timm-layout dicts keep their names. Buffers
+    (``relative_position_index``, ``attn_mask``), the classifier (``head.*``) and its final
+    ``norm.*`` are dropped; detection ``norm0..norm3`` are kept. A ``model``/``state_dict``
+    wrapper and a ``module.``/``backbone.`` prefix are removed. The rules are
+    ``common.convert_rules.swin_rules`` (also used by ``tools/convert_backbone.py``).
 
     Args:
-        state_dict: {name: tensor} in the official layout (``patch_embed.proj.weight``, ...).
+        state_dict: {name: tensor} (``patch_embed.proj.weight``, ``layers.0.blocks.0...``).
 
     Returns:
         {name: tensor} for ``SwinBackbone.load_state_dict``, without a ``backbone.`` prefix.
+
+    Raises:
+        ValueError: an mmcv-format Swin checkpoint; KeyError: keys no rule maps (e.g. APE).
     """
     for wrapper in ("state_dict", "model"):
         if isinstance(state_dict.get(wrapper), Mapping):
             state_dict = state_dict[wrapper]
-    out = {}
+    sd = {}
     for k, v in state_dict.items():
         for prefix in ("module.", "backbone."):
-            k = k[len(prefix) :] if k.startswith(prefix) else k
-        if k.startswith("stages.") or ".w_msa." in k:
-            raise ValueError(f"mmcv-format Swin key {k!r}: convert it to the official layout first")
-        if "relative_position_index" in k or "attn_mask" in k or k.startswith(("head.", "norm.")):
-            continue
-        k = re.sub(
-            r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) + 1}.downsample.", k
-        )
-        out[k] = v
+            k = k.removeprefix(prefix)
+        sd[k] = v
+    layout = swin_layout(sd)
+    if layout == "mmcv":
+        raise ValueError("mmcv-format Swin keys (stages.*, w_msa): convert to the official layout")
+    out, report = convert_state_dict(sd, swin_rules(layout=layout))
+    if report.unmapped:
+        raise KeyError(f"unexpected Swin keys {report.unmapped}")
     return out

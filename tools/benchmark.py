@@ -123,10 +123,16 @@ class Settings:
 #: each R-CNN baseline (their GN RoI heads) and 0.1-0.3 for each query-based model, measured on
 #: this project's `shapes` configs. A smoke-level comparison: cost columns are meaningful, the
 #: models are far from converged. "full" keeps every config's documented `shapes` schedule
-#: (600 x 8 images; 600 train / 100 val images).
+#: (600 x 8 images; 600 train / 100 val images). "cpu" is the learning tests' scale, for a
+#: same-schedule accuracy comparison that fits about an hour on an idle 2-core CPU: 64 px images
+#: (200 train / 50 val), 300 iterations x 8 images, every config's own LR and recipe.
 SCHEDULES: dict[str, dict[str, Any]] = {
     "quick": {"max_iter": 120, "ims_per_batch": 2, "num_workers": 1, "num_train": 240,
               "num_val": 40, "repeats": 10, "warmup": 3},
+    "cpu": {"max_iter": 300, "ims_per_batch": 8, "num_workers": 1, "image_size": 64,
+            "num_train": 200, "num_val": 50, "input_size": 64, "repeats": 10, "warmup": 3,
+            "opts": ("INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "128",
+                     "INPUT.MAX_SIZE_TEST", "128")},
     "full": {},
 }
 
@@ -136,7 +142,9 @@ def settings_for(schedule: str, **overrides: Any) -> Settings:
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r}: expected one of {sorted(SCHEDULES)}")
     s = replace(Settings(schedule=schedule), **SCHEDULES[schedule])
-    return replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    extra = tuple(overrides.pop("opts", None) or ())
+    s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(s, opts=(*s.opts, *extra))  # the schedule's overrides, then the caller's
 
 
 def split_present(entries: Sequence[Entry]) -> tuple[list[Entry], list[Entry]]:

@@ -11,8 +11,9 @@ checkpoint (mmdet ``backbone.``) alike.
   mmdet DCN offsets; :func:`resnet_layout` reads which of these a state dict uses.
 - :func:`fpn_rules`: mmdet ``neck.{lateral,fpn}_convs.i.conv`` -> Detectron2
   ``backbone.fpn_{lateral,output}{i+2}``.
-- :func:`swin_rules`: official Swin (``layers.i.downsample`` at the *end* of stage i) or timm
-  Swin (at the start of stage i + 1) -> ``common.ops.backbones.swin.SwinBackbone``;
+- :func:`swin_rules`: official Swin (``layers.i.downsample`` at the *end* of stage i), timm
+  Swin (at the start of stage i + 1) or mmcv Swin (mmdet/mmseg ``stages.i.blocks.j.attn.w_msa``,
+  patch merging in ``nn.Unfold`` channel order) -> ``common.ops.backbones.swin.SwinBackbone``;
   :func:`swin_layout` tells them apart.
 - :data:`MMDET_COCO_CLASSES`: mmdet's ``CocoDataset`` class order, for
   :func:`common.checkpoint.class_permutation` against Detectron2's ``builtin_meta`` names.
@@ -134,8 +135,9 @@ def fpn_rules(
 
 def swin_layout(keys: Iterable[str], src: str = "") -> str:
     """``"official"`` (Swin-Transformer / Swin detection repos: ``layers.0.downsample``),
-    ``"timm"`` (``layers.1..3.downsample``, ``head.fc``) or ``"mmcv"`` (``stages.i``, ``w_msa``;
-    not supported: its patch merging stores channels in another order)."""
+    ``"timm"`` (``layers.1..3.downsample``, ``head.fc``) or ``"mmcv"`` (mmdet/mmseg
+    ``SwinTransformer``: ``stages.i``, ``w_msa``; its patch merging stores channels in another
+    order, which ``swin_rules(layout="mmcv")`` undoes)."""
     keys = [k[len(src) :] for k in keys if k.startswith(src)]
     if any(k.startswith("stages.") or ".w_msa." in k for k in keys):
         return "mmcv"
@@ -152,9 +154,12 @@ def swin_rules(src: str = "", dst: str = "", *, layout: str = "official") -> lis
     dropped; the detection output norms ``norm0..norm3`` are kept. No tensor changes: the QKV
     layout ([3C, C], q/k/v blocks) and timm's patch-merging order match the official code.
     An absolute position embedding (APE) has no rule, so such a checkpoint is refused.
+    ``layout="mmcv"``: see :func:`_mmcv_swin_rules`.
     """
+    if layout == "mmcv":
+        return _mmcv_swin_rules(src, dst)
     if layout not in ("official", "timm"):
-        raise ValueError(f"no rules for the {layout!r} Swin layout (official and timm only)")
+        raise ValueError(f"no rules for the {layout!r} Swin layout (official, timm, mmcv)")
     s = re.escape(src)
     rules = [
         Rule(rf"{s}layers\.\d+\.blocks\.\d+\.(?:attn\.relative_position_index|attn_mask)", None),
@@ -172,6 +177,45 @@ def swin_rules(src: str = "", dst: str = "", *, layout: str = "official") -> lis
             f"{dst}\\1",
         )
     )
+    return rules
+
+
+def _unfold_to_official(t: torch.Tensor) -> torch.Tensor:
+    """Patch-merging channels from mmcv's ``nn.Unfold`` order (c, dy, dx) to the official / timm
+    order ((dx, dy) group, c): reduction weight [out, 4C] or norm parameter [4C]."""
+    c = t.shape[-1] // 4
+    lead = t.shape[:-1]
+    return t.reshape(*lead, c, 4)[..., [0, 2, 1, 3]].transpose(-1, -2).reshape(*lead, 4 * c)
+
+
+def _mmcv_swin_rules(src: str, dst: str) -> list[Rule]:
+    """mmdet/mmseg ``SwinTransformer`` keys -> ``SwinBackbone`` keys.
+
+    ``patch_embed.projection`` -> ``patch_embed.proj``; ``stages.i.blocks.j.attn.w_msa.*`` ->
+    ``layers.i.blocks.j.attn.*``; ``ffn.layers.{0.0,1}`` -> ``mlp.fc{1,2}``;
+    ``stages.i.downsample`` (end of stage i) -> ``layers.{i+1}.downsample`` with the channels
+    reordered from ``nn.Unfold``'s order (the inverse of mmdet/mmseg's ``swin_converter``);
+    ``norm0..3`` kept; the ``relative_position_index`` buffers dropped (timm rebuilds them).
+    """
+    s, wb = re.escape(src), r"(weight|bias)"
+    blk, out = rf"{s}stages\.(\d+)\.blocks\.(\d+)\.", rf"{dst}layers.\1.blocks.\2."
+    rules = [
+        Rule(blk + r"attn\.w_msa\.relative_position_index", None),
+        Rule(rf"{s}patch_embed\.projection\.{wb}", rf"{dst}patch_embed.proj.\1"),
+        Rule(rf"{s}patch_embed\.norm\.{wb}", rf"{dst}patch_embed.norm.\1"),
+        Rule(blk + rf"(norm1|norm2)\.{wb}", out + r"\3.\4"),
+        Rule(blk + rf"attn\.w_msa\.(qkv|proj)\.{wb}", out + r"attn.\3.\4"),
+        Rule(blk + r"attn\.w_msa\.(relative_position_bias_table)", out + r"attn.\3"),
+        Rule(blk + rf"ffn\.layers\.0\.0\.{wb}", out + r"mlp.fc1.\3"),
+        Rule(blk + rf"ffn\.layers\.1\.{wb}", out + r"mlp.fc2.\3"),
+        Rule(rf"{s}norm([0-3])\.{wb}", rf"{dst}norm\1.\2"),
+    ]
+    for i in range(3):
+        down, new = rf"{s}stages\.{i}\.downsample\.", f"{dst}layers.{i + 1}.downsample."
+        rules += [
+            Rule(down + r"reduction\.weight", new + "reduction.weight", _unfold_to_official),
+            Rule(down + rf"norm\.{wb}", new + r"norm.\1", _unfold_to_official),
+        ]
     return rules
 
 

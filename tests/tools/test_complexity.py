@@ -9,7 +9,9 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import complexity  # noqa: E402
 
 MRCNN = os.path.join(REPO, "common/configs/baselines/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml")
-FASTINST = os.path.join(REPO, "projects/fastinst/configs/shapes/fastinst_R18_D1_shapes_instance.yaml")
+FASTINST = os.path.join(
+    REPO, "projects/fastinst/configs/shapes/fastinst_R18_D1_shapes_instance.yaml"
+)
 
 
 def test_table_of_params_and_gflops(tmp_path, capsys):

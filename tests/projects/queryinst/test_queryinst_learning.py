@@ -8,7 +8,8 @@ import pytest
 from learning import loss_fell, train_and_evaluate
 
 CONFIG = "projects/queryinst/configs/shapes/queryinst_R18_FPN_shapes.yaml"
-#: sized for <= 4 minutes on 2 idle CPU cores
+#: sized for <= 4 minutes on 2 idle CPU cores (~0.4 s/iteration); the config's own lr 1e-3.
+#: KNOWN FAILURE: this budget reaches box/mask AP ~2.5-4, not 10 (README, note 9).
 OVERRIDES = [
     "DATASETS.SHAPES.IMAGE_SIZE", "64",
     "DATASETS.SHAPES.NUM_TRAIN", "200",
@@ -20,9 +21,8 @@ OVERRIDES = [
     "MODEL.FPN.OUT_CHANNELS", "64",
     "MODEL.QUERYINST.MASK_CONV_DIM", "64",
     "SOLVER.IMS_PER_BATCH", "8",
-    "SOLVER.BASE_LR", "0.0004",
-    "SOLVER.MAX_ITER", "200",
-    "SOLVER.STEPS", "(170,)",
+    "SOLVER.MAX_ITER", "400",
+    "SOLVER.STEPS", "(350,)",
     "SOLVER.WARMUP_ITERS", "20",
     "SOLVER.CHECKPOINT_PERIOD", "100000",
     "DATALOADER.NUM_WORKERS", "0",

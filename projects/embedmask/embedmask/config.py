@@ -55,6 +55,8 @@ def add_embedmask_config(cfg: CN) -> None:
     cfg.MODEL.EMBEDMASK.MASK_NUM_CONVS = 4
     # Pixel embeddings are bilinearly upsampled by this factor (2: stride 8 -> stride 4).
     cfg.MODEL.EMBEDMASK.MASK_SCALE_FACTOR = 2
+    # Input pixels per unit of the coordinates added to the spatial embedding dims (v2: 100).
+    cfg.MODEL.EMBEDMASK.POSITION_UNIT = 100.0
     # Margin at which the initial probability is 0.5 along one dim; sets the margin bias init.
     cfg.MODEL.EMBEDMASK.PRIOR_MARGIN = 2.0
     # The box-tower features are divided by this before the margin conv.

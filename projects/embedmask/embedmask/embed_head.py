@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from .fcos import Scale, compute_locations
 
-#: Coordinates are added to the spatial embedding dims in units of 100 input pixels.
+#: Coordinates are added to the spatial embedding dims in units of 100 input pixels (v2 default).
 POSITION_UNIT = 100.0
 #: Number of "spatial" embedding dims (x, y) that receive pixel coordinates.
 SPATIAL_DIMS = 2
@@ -71,6 +71,7 @@ class EmbedMaskHead(nn.Module):
         margin_reduce_factor: float = 32.0,
         margin_per_dim: bool = True,
         fix_margin: bool = False,
+        position_unit: float = POSITION_UNIT,
     ):
         """
         Args:
@@ -83,6 +84,8 @@ class EmbedMaskHead(nn.Module):
             margin_reduce_factor: divisor of the box-tower features fed to the margin conv.
             margin_per_dim: D margins per proposal (v2); False: one scalar margin (v1.5).
             fix_margin: use the prior precision instead of the predicted one.
+            position_unit: input pixels per unit of the coordinates added to the spatial dims
+                (v2: 100, sized for ~800 px COCO inputs).
         """
         super().__init__()
         if embed_dim <= SPATIAL_DIMS:
@@ -92,6 +95,9 @@ class EmbedMaskHead(nn.Module):
         self.margin_reduce_factor = margin_reduce_factor
         self.margin_per_dim = margin_per_dim
         self.fix_margin = fix_margin
+        if position_unit <= 0:
+            raise ValueError(f"MODEL.EMBEDMASK.POSITION_UNIT must be > 0, got {position_unit}")
+        self.position_unit = float(position_unit)
         #: exp(bias) is the prior precision: p = 0.5 at ``prior_margin`` along one dim.
         self.prior_precision = -math.log(0.5) / prior_margin**2
         tower: list[nn.Module] = []
@@ -131,12 +137,13 @@ class EmbedMaskHead(nn.Module):
             "margin_reduce_factor": e.MARGIN_REDUCE_FACTOR,
             "margin_per_dim": e.MARGIN_PER_DIM,
             "fix_margin": e.FIX_MARGIN,
+            "position_unit": e.POSITION_UNIT,
         }
 
     def _position(self, locations: Tensor, h: int, w: int) -> Tensor:
         """[h*w, 2] (x, y) locations -> [1, 2, h, w] scaled coordinates for the spatial dims."""
         pos = locations.t().reshape(1, SPATIAL_DIMS, h, w)
-        return self.position_scale(pos / POSITION_UNIT)
+        return self.position_scale(pos / self.position_unit)
 
     def pixel_embedding(self, feature: Tensor, stride: int) -> Tensor:
         """Pixel embeddings e.

@@ -74,6 +74,22 @@ def test_heads_shapes_initial_margin_and_coordinates():
     torch.testing.assert_close(emb0[0, :, 2:], torch.zeros(30, 4))
 
 
+def test_position_unit_scales_the_coordinates():
+    """POSITION_UNIT (v2: 100 px) divides the locations added to the spatial dims of both heads."""
+    head = _head(position_unit=8.0)
+    emb0, _ = head.proposal_embedding([torch.zeros(1, 32, 4, 6), torch.zeros(1, 32, 2, 3)], [8, 16])
+    torch.testing.assert_close(emb0[0, 1, :2], torch.tensor([1.5, 0.5]))  # P3 cell x=12, y=4
+    torch.testing.assert_close(emb0[0, 24 + 4, :2], torch.tensor([3.0, 3.0]))  # P4 x=24, y=24
+    for module in (head.mask_tower, head.pixel_spatial_embed_pred):
+        for param in module.parameters():
+            torch.nn.init.zeros_(param)
+    pix = head.pixel_embedding(torch.zeros(1, 32, 4, 6), stride=8)  # x2 bilinear of loc / 8
+    steps = pix[0, 0, 0, 1:-1].diff()  # half a P3 cell (4 px) between stride-4 columns
+    torch.testing.assert_close(steps, torch.full_like(steps, 0.5))
+    with pytest.raises(ValueError, match="POSITION_UNIT"):
+        _head(position_unit=0.0)
+
+
 @pytest.mark.parametrize("per_dim", [True, False])
 def test_margin_gradient_flows(per_dim):
     torch.manual_seed(0)

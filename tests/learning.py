@@ -43,14 +43,15 @@ def train_and_evaluate(
     configure_shapes_from_cfg(cfg, generate=True)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    trainer.train()
+    results = trainer.train()  # DefaultTrainer evaluates once after the last iteration
     losses = []
     with open(os.path.join(output_dir, "metrics.json")) as f:
         for line in f:
             rec = json.loads(line)
             if "total_loss" in rec:
                 losses.append(rec["total_loss"])
-    results = Trainer.test(cfg, trainer.model)
+    if not results:
+        results = Trainer.test(cfg, trainer.model)
     return losses, results
 
 

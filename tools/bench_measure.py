@@ -33,6 +33,7 @@ import torch
 #: metric column -> (evaluator result key, metric name).
 METRICS = {"AP": ("segm", "AP"), "PQ": ("panoptic_seg", "PQ"), "mIoU": ("sem_seg", "mIoU")}
 
+
 @dataclass
 class LatencyStats:
     """Latency of ``repeats`` timed calls, in milliseconds."""
@@ -76,8 +77,9 @@ def measure_latency(
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
         tick()
-    return LatencyStats(statistics.median(times), statistics.fmean(times), min(times),
-                        max(times), times)
+    return LatencyStats(
+        statistics.median(times), statistics.fmean(times), min(times), max(times), times
+    )
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -158,6 +160,10 @@ def _native_mha_flop(inputs: list, outputs: list) -> int:
     return b * (lq * e * e + 2 * lk * e * e + 2 * lq * lk * e + lq * e * e)
 
 
+#: Marker in count_gflops' uncounted-ops dict: the count comes from torch's FlopCounterMode.
+FLOP_COUNTER_FALLBACK = "(fvcore trace empty: counted with torch FlopCounterMode)"
+
+
 def count_gflops(model: torch.nn.Module, inputs: list[dict]) -> tuple[float, dict[str, int]]:
     """GFLOPs of one eval-mode forward on ``inputs`` with fvcore (1 multiply-add = 1 FLOP).
 
@@ -176,10 +182,24 @@ def count_gflops(model: torch.nn.Module, inputs: list[dict]) -> tuple[float, dic
             warnings.simplefilter("ignore")
             fca = FlopCountAnalysis(model, inputs)
             fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            fca.set_op_handle(**{"aten::scaled_dot_product_attention": _sdpa_flop,
-                                 "aten::_native_multi_head_attention": _native_mha_flop})
+            fca.set_op_handle(
+                **{
+                    "aten::scaled_dot_product_attention": _sdpa_flop,
+                    "aten::_native_multi_head_attention": _native_mha_flop,
+                }
+            )
             total = fca.total()
-            return total / 1e9, dict(fca.unsupported_ops())
+            if total > 0:
+                return total / 1e9, dict(fca.unsupported_ops())
+            # An output that does not depend on the computation (e.g. an empty panoptic map from
+            # a randomly initialised model) leaves the traced graph empty; count the executed ops
+            # with PyTorch's FlopCounterMode instead (it counts 2 FLOPs per multiply-add).
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(inputs)
+            return counter.get_total_flops() / 2e9, {FLOP_COUNTER_FALLBACK: 1}
     finally:
         model.train(was_training)
 
@@ -194,7 +214,7 @@ def extract_metrics(results: dict[str, dict[str, float]]) -> dict[str, float | N
 
 
 def task_of(results: dict[str, Any]) -> str:
-    """"panoptic" | "instance" | "semantic" from which evaluator produced results."""
+    """ "panoptic" | "instance" | "semantic" from which evaluator produced results."""
     if "panoptic_seg" in results:
         return "panoptic"
     if "segm" in results or "bbox" in results:

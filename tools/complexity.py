@@ -29,7 +29,7 @@ for p in (REPO, os.path.dirname(os.path.abspath(__file__))):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench_measure import count_gflops, count_parameters  # noqa: E402
+from bench_measure import FLOP_COUNTER_FALLBACK, count_gflops, count_parameters  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from common.engine import get_cfg, merge_config  # noqa: E402
@@ -72,8 +72,13 @@ def table(rows: list[dict]) -> str:
     lines = ["| config | params (M) | input | GFLOPs |", "|:---|---:|:---|---:|"]
     for r in rows:
         g = "—" if r["gflops"] is None else f"{r['gflops']:.1f}"
+        g += " †" if FLOP_COUNTER_FALLBACK in r["uncounted"] else ""
         lines.append(f"| `{r['config']}` | {r['params']:.2f} | {r['size']} | {g} |")
-    uncounted = sorted({op for r in rows for op in r["uncounted"]})
+    uncounted = sorted({op for r in rows for op in r["uncounted"]} - {FLOP_COUNTER_FALLBACK})
+    if any(FLOP_COUNTER_FALLBACK in r["uncounted"] for r in rows):
+        lines += ["", "† the randomly initialised model's output does not depend on the "
+                  "computation (e.g. an empty panoptic map), which empties fvcore's trace: "
+                  "counted with torch's FlopCounterMode (multiply-adds) instead"]  # fmt: skip
     if uncounted:
         lines += ["", "Not counted (no fvcore handle): " + ", ".join(f"`{o}`" for o in uncounted)]
     return "\n".join(lines)

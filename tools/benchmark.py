@@ -72,25 +72,46 @@ def _shapes(project: str, leaf: str) -> str:
 
 #: The default comparison: add a method's `shapes` config by adding a row here.
 DEFAULT_ENTRIES: tuple[Entry, ...] = (
-    Entry("Mask R-CNN R18-FPN-GN", f"{_BASELINES}/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml",
-          method="Mask R-CNN"),
-    Entry("Panoptic FPN R18-GN", f"{_BASELINES}/panoptic_fpn_R_18_gn_scratch_shapes.yaml",
-          method="Panoptic FPN"),
+    Entry(
+        "Mask R-CNN R18-FPN-GN",
+        f"{_BASELINES}/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml",
+        method="Mask R-CNN",
+    ),
+    Entry(
+        "Panoptic FPN R18-GN",
+        f"{_BASELINES}/panoptic_fpn_R_18_gn_scratch_shapes.yaml",
+        method="Panoptic FPN",
+    ),
     Entry("K-Net R18", _shapes("knet", "knet_R18_shapes_instance.yaml"), method="K-Net"),
-    Entry("K-Net R18 (panoptic)", _shapes("knet", "knet_R18_shapes_panoptic.yaml"),
-          method="K-Net"),
-    Entry("K-Net UPerNet R18", _shapes("knet", "knet_upernet_R18_shapes_semantic.yaml"),
-          method="K-Net"),
-    Entry("QueryInst R18-FPN", _shapes("queryinst", "queryinst_R18_FPN_shapes.yaml"),
-          method="QueryInst"),
-    Entry("FastInst-D1 R18", _shapes("fastinst", "fastinst_R18_D1_shapes_instance.yaml"),
-          method="FastInst"),
-    Entry("FastInst-D1 R18 (panoptic)", _shapes("fastinst", "fastinst_R18_D1_shapes_panoptic.yaml"),
-          method="FastInst"),
-    Entry("FastInst-D1 R18 (semantic)", _shapes("fastinst", "fastinst_R18_D1_shapes_semantic.yaml"),
-          method="FastInst"),
-    Entry("EmbedMask R18-FPN", _shapes("embedmask", "embedmask_R18_shapes.yaml"),
-          method="EmbedMask"),
+    Entry("K-Net R18 (panoptic)", _shapes("knet", "knet_R18_shapes_panoptic.yaml"), method="K-Net"),
+    Entry(
+        "K-Net UPerNet R18",
+        _shapes("knet", "knet_upernet_R18_shapes_semantic.yaml"),
+        method="K-Net",
+    ),
+    Entry(
+        "QueryInst R18-FPN",
+        _shapes("queryinst", "queryinst_R18_FPN_shapes.yaml"),
+        method="QueryInst",
+    ),
+    Entry(
+        "FastInst-D1 R18",
+        _shapes("fastinst", "fastinst_R18_D1_shapes_instance.yaml"),
+        method="FastInst",
+    ),
+    Entry(
+        "FastInst-D1 R18 (panoptic)",
+        _shapes("fastinst", "fastinst_R18_D1_shapes_panoptic.yaml"),
+        method="FastInst",
+    ),
+    Entry(
+        "FastInst-D1 R18 (semantic)",
+        _shapes("fastinst", "fastinst_R18_D1_shapes_semantic.yaml"),
+        method="FastInst",
+    ),
+    Entry(
+        "EmbedMask R18-FPN", _shapes("embedmask", "embedmask_R18_shapes.yaml"), method="EmbedMask"
+    ),
 )
 
 
@@ -127,12 +148,34 @@ class Settings:
 #: same-schedule accuracy comparison that fits about an hour on an idle 2-core CPU: 64 px images
 #: (200 train / 50 val), 300 iterations x 8 images, every config's own LR and recipe.
 SCHEDULES: dict[str, dict[str, Any]] = {
-    "quick": {"max_iter": 120, "ims_per_batch": 2, "num_workers": 1, "num_train": 240,
-              "num_val": 40, "repeats": 10, "warmup": 3},
-    "cpu": {"max_iter": 300, "ims_per_batch": 8, "num_workers": 1, "image_size": 64,
-            "num_train": 200, "num_val": 50, "input_size": 64, "repeats": 10, "warmup": 3,
-            "opts": ("INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "128",
-                     "INPUT.MAX_SIZE_TEST", "128")},
+    "quick": {
+        "max_iter": 120,
+        "ims_per_batch": 2,
+        "num_workers": 1,
+        "num_train": 240,
+        "num_val": 40,
+        "repeats": 10,
+        "warmup": 3,
+    },
+    "cpu": {
+        "max_iter": 300,
+        "ims_per_batch": 8,
+        "num_workers": 1,
+        "image_size": 64,
+        "num_train": 200,
+        "num_val": 50,
+        "input_size": 64,
+        "repeats": 10,
+        "warmup": 3,
+        "opts": (
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "INPUT.MAX_SIZE_TRAIN",
+            "128",
+            "INPUT.MAX_SIZE_TEST",
+            "128",
+        ),
+    },
     "full": {},
 }
 
@@ -220,15 +263,20 @@ def run_entries(
             on_row(row)
         # rewrite the outputs after every row: a long run that stops still leaves its table
         header = measurer.header(time.perf_counter() - start)
-        pending = [f"not run yet: {e.name}" for e in entries[i + 1:]]
+        pending = [f"not run yet: {e.name}" for e in entries[i + 1 :]]
         write_outputs(rows, header, output_dir, title=title, notes=[*notes, *pending], stem=stem)
     bar.close()
     return rows, header
 
 
 def write_outputs(
-    rows: list[dict], header: dict[str, str], output_dir: str, *, title: str,
-    notes: Sequence[str] = (), stem: str = "benchmark",
+    rows: list[dict],
+    header: dict[str, str],
+    output_dir: str,
+    *,
+    title: str,
+    notes: Sequence[str] = (),
+    stem: str = "benchmark",
 ) -> dict[str, str]:
     """Write ``<stem>.md``, ``<stem>.csv`` and ``<stem>.png``; returns their paths by extension."""
     paths = {ext: os.path.join(output_dir, f"{stem}.{ext}") for ext in ("md", "csv", "png")}
@@ -245,8 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", nargs="+", help="configs to compare (default: DEFAULT_ENTRIES)")
     p.add_argument("--names", nargs="+", help="row labels for --config (default: file stems)")
-    p.add_argument("--weights", nargs="+",
-                   help="one checkpoint per --config ('-' trains that one) instead of training")
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        help="one checkpoint per --config ('-' trains that one) instead of training",
+    )
     p.add_argument("--schedule", default="quick", choices=sorted(SCHEDULES))
     p.add_argument("--max-iter", type=int, help="training iterations (overrides the schedule)")
     p.add_argument("--output", default=os.path.join(REPO, "output", "benchmark"))
@@ -274,13 +325,15 @@ def _move_trailing_opts(args: argparse.Namespace) -> None:
     them back to ``opts`` (configs end in .yaml/.yml; names and weights: one per config)."""
     if not args.config:
         return
-    n = next((i for i, c in enumerate(args.config) if not c.endswith((".yaml", ".yml"))),
-             len(args.config))
+    n = next(
+        (i for i, c in enumerate(args.config) if not c.endswith((".yaml", ".yml"))),
+        len(args.config),
+    )
     spill, args.config = args.config[n:], args.config[:n]
     for flag in ("names", "weights"):
         values = getattr(args, flag)
         if values and len(values) > len(args.config):
-            spill += values[len(args.config):]
+            spill += values[len(args.config) :]
             setattr(args, flag, values[: len(args.config)])
     args.opts = [*spill, *(args.opts or [])]
 
@@ -288,9 +341,17 @@ def _move_trailing_opts(args: argparse.Namespace) -> None:
 def entries_from_args(args: argparse.Namespace) -> list[Entry]:
     _move_trailing_opts(args)
     if not args.config:
-        if args.names or args.weights:
-            raise SystemExit("--names/--weights need --config")
-        return list(DEFAULT_ENTRIES)
+        if args.names:
+            raise SystemExit("--names needs --config")
+        if not args.weights:
+            return list(DEFAULT_ENTRIES)
+        if len(args.weights) != len(DEFAULT_ENTRIES):
+            raise SystemExit(
+                f"--weights without --config: one per default entry "
+                f"({len(DEFAULT_ENTRIES)}, '-' trains that one), got {len(args.weights)}"
+            )
+        return [e if w == "-" else replace(e, weights=os.path.abspath(w))
+                for e, w in zip(DEFAULT_ENTRIES, args.weights)]  # fmt: skip
     for flag in ("names", "weights"):
         given = getattr(args, flag)
         if given and len(given) != len(args.config):
@@ -305,11 +366,21 @@ def entries_from_args(args: argparse.Namespace) -> list[Entry]:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     return settings_for(
-        args.schedule, max_iter=args.max_iter, seed=args.seed, ims_per_batch=args.ims_per_batch,
-        num_workers=args.num_workers, input_size=args.input_size, image_size=args.image_size,
-        num_train=args.num_train, num_val=args.num_val, warmup=args.warmup,
-        repeats=args.repeats, timing_iters=args.timing_iters, threads=args.threads,
-        device=args.device, opts=tuple(args.opts or ()),
+        args.schedule,
+        max_iter=args.max_iter,
+        seed=args.seed,
+        ims_per_batch=args.ims_per_batch,
+        num_workers=args.num_workers,
+        input_size=args.input_size,
+        image_size=args.image_size,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        timing_iters=args.timing_iters,
+        threads=args.threads,
+        device=args.device,
+        opts=tuple(args.opts or ()),
     )
 
 
@@ -319,8 +390,10 @@ def report_missing(entries: Sequence[Entry], missing: Sequence[Entry], discover:
     for e in missing:
         print(f"note: skipping {e.name!r}: {e.config} is not present yet", file=sys.stderr)
     for path in undiscovered_configs(entries) if discover else []:
-        print(f"note: {path} is not in the default list (pass --config to include it)",
-              file=sys.stderr)
+        print(
+            f"note: {path} is not in the default list (pass --config to include it)",
+            file=sys.stderr,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,15 +413,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(args)
     t0 = time.perf_counter()
     notes = [f"not run: `{e.config}` (config file not present yet)" for e in missing]
-    rows, _ = run_entries(present, settings, args.output, title=args.title,
-                          progress=not args.no_progress, notes=notes)
+    rows, _ = run_entries(
+        present, settings, args.output, title=args.title, progress=not args.no_progress, notes=notes
+    )
     with open(os.path.join(args.output, "benchmark.md")) as f:
         print(f.read())
     print(f"wrote {args.output}/benchmark.{{md,csv,png}} in {time.perf_counter() - t0:.0f} s")
     failed = [r["name"] for r in rows if r.get("error")]
     if failed:
-        print(f"error: {len(failed)} row(s) failed: {', '.join(failed)} (see log.txt)",
-              file=sys.stderr)
+        print(
+            f"error: {len(failed)} row(s) failed: {', '.join(failed)} (see log.txt)",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 

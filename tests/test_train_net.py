@@ -39,9 +39,10 @@ def datasets_root(tmp_path_factory):
 
 def test_single_process_trains_and_evaluates(tmp_path, datasets_root):
     log = run_train_net(
-        ["--config-file", MASK_RCNN, *TINY, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2"],
+        ["--config-file", MASK_RCNN, *TINY, "SOLVER.MAX_ITER", "3",
+         "SOLVER.CHECKPOINT_PERIOD", "2"],
         tmp_path, datasets_root,
-    )
+    )  # fmt: skip
     assert os.path.exists(tmp_path / "model_final.pth")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
     assert "copypaste: Task: segm" in log and "copypaste: Task: bbox" in log

@@ -74,6 +74,20 @@ _DEEP_STEM = (  # timm ResNet-C/D (conv1.N + bn1) and mmcv ResNetV1c/V1d (stem.N
 _PLAIN_STEM = (("conv1", "stem.conv1"), ("bn1", "stem.conv1.norm"))
 
 
+def strip_wrappers(state_dict: Mapping[str, object]) -> dict[str, object]:
+    """Remove a ``state_dict``/``model`` wrapper and ``module.``/``backbone.`` key prefixes (an
+    ImageNet or detection file's backbone part, as the backbone weight helpers take it)."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state_dict.get(wrapper), Mapping):
+            state_dict = state_dict[wrapper]
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "backbone."):
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return out
+
+
 def resnet_layout(keys: Iterable[str], src: str = "") -> dict[str, bool]:
     """Which ResNet variant a state dict holds, as keyword arguments of :func:`resnet_rules`.
 

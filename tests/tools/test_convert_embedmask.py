@@ -11,7 +11,6 @@ model (R50 v2, R50 v1.5) is built once.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -23,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import convert_embedmask  # noqa: E402
+from official_state import OfficialState  # noqa: E402
 
 from common.checkpoint import (  # noqa: E402
     CheckpointError,
@@ -44,37 +44,7 @@ V15_OPTS = ["MODEL.EMBEDMASK.EMBED_DIM", "8", "MODEL.EMBEDMASK.MARGIN_PER_DIM", 
 # ------------------------------------------------------------------------------------------------
 
 
-class _State(dict):
-    def __init__(self, seed: int, zeros: bool):
-        super().__init__()
-        self.g = torch.Generator().manual_seed(seed)
-        self.zeros = zeros
-
-    def t(self, key: str, *shape: int, scale: float = 0.05, offset: float = 0.0) -> None:
-        if self.zeros:
-            self[key] = torch.zeros(shape)
-        else:
-            self[key] = torch.randn(shape, generator=self.g) * scale + offset
-
-    def conv(self, prefix: str, cout: int, cin: int, k: int = 3, bias: bool = True) -> None:
-        self.t(prefix + "weight", cout, cin, k, k, scale=1 / math.sqrt(cin * k * k))
-        if bias:
-            self.t(prefix + "bias", cout)
-
-    def norm(self, prefix: str, c: int, frozen: bool = True) -> None:
-        self.t(prefix + "weight", c, scale=0.1, offset=1.0)
-        self.t(prefix + "bias", c)
-        if frozen:
-            self.t(prefix + "running_mean", c)
-            self[prefix + "running_var"] = (
-                torch.zeros(c) if self.zeros else torch.rand(c, generator=self.g) + 0.5
-            )
-
-    def scale(self, key: str) -> None:
-        self[key] = torch.zeros(1) if self.zeros else torch.rand(1, generator=self.g) + 0.5
-
-
-def _resnet(s: _State, prefix: str, depth: int, d2_names: bool) -> None:
+def _resnet(s: OfficialState, prefix: str, depth: int, d2_names: bool) -> None:
     """maskrcnn-benchmark (``body.layerN``, ``bnK``, ``downsample.{0,1}``) or Detectron2 names."""
     if d2_names:
         s.conv(prefix + "stem.conv1.", 64, 3, 7, bias=False)
@@ -98,7 +68,7 @@ def _resnet(s: _State, prefix: str, depth: int, d2_names: bool) -> None:
             cin = cout
 
 
-def _tower(s: _State, prefix: str) -> None:
+def _tower(s: OfficialState, prefix: str) -> None:
     for i in range(4):  # Conv3x3 (0, 3, 6, 9), GN (1, 4, 7, 10), ReLU
         s.conv(f"{prefix}{3 * i}.", C, C, 3)
         s.norm(f"{prefix}{3 * i + 1}.", C, frozen=False)
@@ -109,7 +79,7 @@ def official_maskrcnn_benchmark_state(
 ) -> dict[str, torch.Tensor]:
     """yinghdb/EmbedMask ``model`` state (DDP ``module.`` prefix): v2 (D = 16, per-dim margins
     + ``margin_scales``) or v1.5 (D = 8, one scalar margin)."""
-    s = _State(seed, zeros)
+    s = OfficialState(seed, zeros)
     _resnet(s, "backbone.body.", depth, d2_names=False)
     for i, cin in zip((2, 3, 4), (512, 1024, 2048)):
         s.conv(f"backbone.fpn.fpn_inner{i}.", C, cin, 1)
@@ -139,7 +109,7 @@ def official_maskrcnn_benchmark_state(
 def official_adelaidet_state(depth: int = 50, zeros: bool = True) -> dict[str, torch.Tensor]:
     """yinghdb/AdelaiDet EmbedMask ``model`` state (spec B.9; the shapes of the mask branch and
     the 128-channel heads follow its config: MASK_BRANCH.CHANNELS 128, 16-d embeddings)."""
-    s = _State(0, zeros)
+    s = OfficialState(0, zeros)
     _resnet(s, "backbone.bottom_up.", depth, d2_names=True)
     for i, cin in zip((3, 4, 5), (512, 1024, 2048)):
         s.conv(f"backbone.fpn_lateral{i}.", C, cin, 1)

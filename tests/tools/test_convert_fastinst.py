@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import convert_fastinst  # noqa: E402
+from official_state import OfficialState  # noqa: E402
 
 from common.checkpoint import (  # noqa: E402
     CheckpointError,
@@ -49,34 +50,6 @@ CONFIGS = {
 # ------------------------------------------------------------------------------------------------
 
 
-class _Official(dict):
-    """Builds ``{key: tensor}`` with random values (``zeros`` for key-only tests)."""
-
-    def __init__(self, seed: int, zeros: bool):
-        super().__init__()
-        self.g = torch.Generator().manual_seed(seed)
-        self.zeros = zeros
-
-    def t(self, key: str, *shape: int, scale: float = 0.05, offset: float = 0.0) -> None:
-        if self.zeros:
-            self[key] = torch.zeros(shape)
-        else:
-            self[key] = torch.randn(shape, generator=self.g) * scale + offset
-
-    def norm(self, prefix: str, c: int, frozen: bool = True) -> None:
-        self.t(prefix + "weight", c, scale=0.1, offset=1.0)
-        self.t(prefix + "bias", c)
-        if frozen:
-            self.t(prefix + "running_mean", c)
-            self[prefix + "running_var"] = (
-                torch.zeros(c) if self.zeros else torch.rand(c, generator=self.g) + 0.5
-            )
-
-    def linear(self, prefix: str, cout: int, cin: int) -> None:
-        self.t(prefix + "weight", cout, cin, scale=1 / math.sqrt(cin))
-        self.t(prefix + "bias", cout)
-
-
 def official_fastinst_state(
     depth: int = 50,
     dec_layers: int = 1,
@@ -86,7 +59,7 @@ def official_fastinst_state(
     zeros: bool = False,
 ) -> dict[str, torch.Tensor]:
     """An official FastInst ``model`` state dict (spec A.13; A.12 for the R50-d-DCN backbone)."""
-    s = _Official(seed, zeros)
+    s = OfficialState(seed, zeros)
     # backbone
     if resnet_d:  # FastInst's timm-style ResNet-D: deep stem, avg-down shortcut, DCN in layer3/4
         s.t("backbone.conv1.0.weight", 32, 3, 3, 3)

@@ -35,7 +35,7 @@ from detectron2.modeling.backbone.resnet import (
 from torch import Tensor
 
 from common.checkpoint import convert_state_dict
-from common.convert_rules import resnet_layout, resnet_rules
+from common.convert_rules import resnet_layout, resnet_rules, strip_wrappers
 
 __all__ = [
     "DeepStem",
@@ -203,19 +203,6 @@ def build_resnet_vd_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResNetVd:
     )
 
 
-def _unwrap(state_dict: Mapping[str, object]) -> dict[str, object]:
-    """Remove a ``state_dict``/``model`` wrapper and ``module.``/``backbone.`` key prefixes."""
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state_dict.get(wrapper), Mapping):
-            state_dict = state_dict[wrapper]
-    sd = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "backbone."):
-            k = k.removeprefix(prefix)
-        sd[k] = v
-    return sd
-
-
 def convert_resnet_weights(state_dict: Mapping[str, object]) -> dict[str, object]:
     """Rename a timm / torchvision / mmcv ResNet state dict to Detectron2's ResNet names.
 
@@ -236,7 +223,7 @@ def convert_resnet_weights(state_dict: Mapping[str, object]) -> dict[str, object
     Raises:
         KeyError: listing the keys no rule maps.
     """
-    sd = _unwrap(state_dict)
+    sd = strip_wrappers(state_dict)
     out, report = convert_state_dict(sd, resnet_rules(**resnet_layout(sd)))
     if report.unmapped:
         raise KeyError(f"unexpected ResNet keys {report.unmapped}")

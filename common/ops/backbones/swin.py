@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from common.checkpoint import convert_state_dict
-from common.convert_rules import swin_layout, swin_rules
+from common.convert_rules import strip_wrappers, swin_layout, swin_rules
 
 __all__ = ["SwinBackbone", "build_swin_backbone", "build_swin_fpn_backbone", "convert_swin_weights"]
 
@@ -270,14 +270,7 @@ def convert_swin_weights(state_dict: Mapping[str, object]) -> dict[str, object]:
     Raises:
         ValueError: an mmcv-format Swin checkpoint; KeyError: keys no rule maps (e.g. APE).
     """
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state_dict.get(wrapper), Mapping):
-            state_dict = state_dict[wrapper]
-    sd = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "backbone."):
-            k = k.removeprefix(prefix)
-        sd[k] = v
+    sd = strip_wrappers(state_dict)
     layout = swin_layout(sd)
     if layout == "mmcv":
         raise ValueError("mmcv-format Swin keys (stages.*, w_msa): convert to the official layout")

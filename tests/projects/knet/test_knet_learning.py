@@ -1,6 +1,8 @@
 """K-Net learns on `shapes` through the real evaluators: instance (mask AP), panoptic (PQ) and
-semantic (mIoU). Each run is sized for <= 4 minutes on an idle 2-core CPU: 64 px images (200 train
-/ 50 val) for instance/panoptic, 96 px for semantic, the shapes configs otherwise unchanged."""
+semantic (mIoU), the shapes configs otherwise unchanged. Semantic: 96 px, 250 iterations (~4 min on
+an idle 2-core CPU). Instance and panoptic need 128 px, 400 images, 16 kernels and 1500 iterations
+(~12 min each): from scratch, the thing classes separate slowly (projects/knet/README.md, "Known
+gap")."""
 
 from __future__ import annotations
 
@@ -29,21 +31,18 @@ def _small(size: int, iters: int, lr: float) -> list[str]:
     ]  # fmt: skip
 
 
-_CLASSES_GAP = pytest.mark.xfail(
-    reason="thing classes stay near chance in this budget (masks learn); projects/knet/README.md, "
-    "'Known gap'",
-    strict=False,
-)
+def _long() -> list[str]:
+    # The thing classes separate slowly from scratch (README, "Known gap"): 128 px, 400 images,
+    # 16 kernels, lr 1e-3, 1500 iterations — about 11-12 minutes each on an idle 2-core CPU, the
+    # longest learning tests.
+    return [*_small(128, 1500, 1e-3), "DATASETS.SHAPES.NUM_TRAIN", "400",
+            "MODEL.KNET.NUM_PROPOSALS", "16"]  # fmt: skip
 
 
 @pytest.mark.slow
 def test_knet_instance_learns_on_shapes(tmp_path):
-    # The thing classes separate slowly from scratch (README, "Known gap"): 128 px, 400 images,
-    # 1500 iterations, 16 kernels, lr 1e-3 — about 11 minutes on an idle 2-core CPU, the longest
-    # learning test. Seed 42 measured segm / bbox AP 4.51 / 4.44 (500 iterations: 1.58 / 1.67).
-    overrides = [*_small(128, 1500, 1e-3), "DATASETS.SHAPES.NUM_TRAIN", "400",
-                 "MODEL.KNET.NUM_PROPOSALS", "16",
-                 "MODEL.KNET.TEST.MAX_PER_IMAGE", "16"]  # fmt: skip
+    # Seed 42 measured segm / bbox AP 4.51 / 4.44 (500 iterations: 1.58 / 1.67).
+    overrides = [*_long(), "MODEL.KNET.TEST.MAX_PER_IMAGE", "16"]
     losses, results = train_and_evaluate(
         SHAPES + "knet_R18_shapes_instance.yaml", overrides, str(tmp_path), threads=2
     )
@@ -53,13 +52,19 @@ def test_knet_instance_learns_on_shapes(tmp_path):
 
 
 @pytest.mark.slow
-@_CLASSES_GAP
 def test_knet_panoptic_learns_on_shapes(tmp_path):
+    # Seed 42 measured PQ 40.2, stuff 89.1, things 1.2 (708 s): the stuff kernels learn fast;
+    # the things' class scores are still ~0.2 at the end, so most fall below the merge's 0.3
+    # score threshold (kept, as the official code) — the ones that pass must be right.
     losses, results = train_and_evaluate(
-        SHAPES + "knet_R18_shapes_panoptic.yaml", _small(64, 300, 3e-4), str(tmp_path), threads=2
+        SHAPES + "knet_R18_shapes_panoptic.yaml", _long(), str(tmp_path), threads=2
     )
     assert loss_fell(losses, 0.5), losses
-    assert results["panoptic_seg"]["PQ"] > 20.0, results["panoptic_seg"]
+    pq = results["panoptic_seg"]
+    # a single stuff class painted everywhere scores PQ < 12 (1 of 9 categories)
+    assert pq["PQ"] > 30.0, pq
+    assert pq["PQ_st"] > 60.0, pq
+    assert pq["PQ_th"] > 0.5, pq
 
 
 @pytest.mark.slow

@@ -18,8 +18,9 @@ overfit), then writes the backbone alone, under the config's own key prefix (``b
 The classifier is dropped; the rest of the detection model keeps its own initialisation
 (``common.checkpoint.QSCheckpointer`` accepts a ``backbone.*``-only file). It prints the crop
 accuracy on the val split's objects. What it did for K-Net (projects/knet/README.md, "Known
-gap"): 76 % val crop accuracy at 64 px (600 iterations, ~4 minutes), but the 128 px instance AP
-after 500 iterations only went from 1.6 to 2.0 — the fresh heads, not only the backbone, are slow.
+gap"): 76-78 % val crop accuracy at 64 px (600 iterations, 2-4 minutes), but the 128 px
+instance AP after 500 iterations only went from 1.6 to 2.0: the fresh heads, not only the
+backbone, are slow.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def test_refuses_a_config_that_does_not_train_on_shapes(tmp_path):
 
 @pytest.mark.slow
 def test_crop_classifier_learns_the_shapes(tmp_path):
-    # the defaults at 64 px measured 76 % val accuracy (chance 20 %, 5 classes), ~4 min loaded
+    # the defaults at 64 px measured 76-78 % val accuracy (chance 20 %, 5 classes), ~2 min idle
     torch.set_num_threads(2)
     stats = pretrain(KNET, str(tmp_path / "b.pth"), SMALL)
     assert stats["num_classes"] == 5

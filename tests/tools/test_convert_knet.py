@@ -306,16 +306,23 @@ def build(config: str, device: str = "meta"):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_every_official_key_maps_onto_the_model(case):
+def _converted(case: str, fill: Fill, device: str = "meta"):
+    """(official state of ``case``, the model of its config with the converted weights loaded
+    strictly); fails listing every unmapped / missing / mis-shaped key."""
     fmt, config, make = CASES[case]
-    model = build(config)
-    official = make(Fill("meta"))
+    official = make(fill)
+    model = build(config, device=device)
     state, report = ck.convert_knet(official, fmt, model.state_dict().keys())
     check_against_model(state, model, report)
     assert report.ok, report.format()
     incompatible = model.load_state_dict(state, strict=True)
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    return official, model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_official_key_maps_onto_the_model(case):
+    _converted(case, Fill("meta"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,13 +389,7 @@ def ref_update_head(sd, p, x, kernels, masks, *, upd=256, hard=True, with_cls=Tr
 @pytest.fixture(scope="module")
 def instance_r50():
     """Random official R50 instance weights, converted and loaded into a CPU model."""
-    official = CASES["instance-R50-1x"][2](Fill("cpu", seed=1))
-    model = build("knet_R50_1x_coco.yaml", device="cpu")
-    state, report = ck.convert_knet(official, "instance", model.state_dict().keys())
-    check_against_model(state, model, report)
-    assert report.ok, report.format()
-    model.load_state_dict(state, strict=True)
-    return official, model
+    return _converted("instance-R50-1x", Fill("cpu", seed=1), device="cpu")
 
 
 @torch.no_grad()
@@ -453,12 +454,7 @@ def _conv_bn_relu(sd, p, x, padding=1):
 def test_semantic_fcn_model_matches_the_official_computation():
     """FCN decode head (BN conv modules), conv_seg as the initial class kernels, and three update
     heads whose 512-d kernels go through the 256-d updator in two chunks, as mmseg computes."""
-    official = CASES["semantic-FCN-R50-D8"][2](Fill("cpu", seed=5))
-    model = build("knet_fcn_R50-D8_80k_ade20k.yaml", device="cpu")
-    state, report = ck.convert_knet(official, "semantic", model.state_dict().keys())
-    check_against_model(state, model, report)
-    assert report.ok, report.format()
-    model.load_state_dict(state, strict=True)
+    official, model = _converted("semantic-FCN-R50-D8", Fill("cpu", seed=5), device="cpu")
 
     x = torch.randn(1, 2048, 6, 6, generator=torch.Generator().manual_seed(6))
     g = "decode_head.kernel_generate_head."

@@ -25,8 +25,10 @@ test-learning: install
 test-all: install
 	$(PY) -m pytest -q tests
 
+# ruff is pinned in constraints.txt and configured in pyproject.toml
 lint: install
-	$(VENV)/bin/ruff check common projects tests tools train_net.py
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 cuda-check: install
 	bash scripts/check_cuda_build.sh

@@ -1,4 +1,7 @@
-"""Install QuerySeg: ``common`` plus one package per project under ``projects/<p>/<p>``.
+"""Install QuerySeg: ``common``, ``tools`` and one package per project under ``projects/<p>/<p>``.
+
+Each project declares itself to ``common`` through the entry-point group ``queryseg.projects``
+(``setup.cfg``); nothing in ``common`` names a project.
 
 The C++/CUDA ops (``common/ops/csrc``) are compiled here only when ``QS_BUILD_OPS=1`` or when a CUDA
 toolkit and a GPU are both present; otherwise the pure-PyTorch implementations are used, and the ops
@@ -13,7 +16,8 @@ PROJECTS = ("knet", "queryinst", "fastinst", "embedmask")
 
 
 def _packages():
-    pkgs, dirs = find_packages(include=["common", "common.*"]), {}
+    # tools/ is a package too (``from tools import benchmark``), so no script edits sys.path
+    pkgs, dirs = find_packages(include=["common", "common.*", "tools"]), {}
     for p in PROJECTS:
         root = os.path.join("projects", p)
         for sub in find_packages(root, include=[p, f"{p}.*"]):

@@ -16,14 +16,16 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from common.checkpoint import QSCheckpointer
-from common.engine import Trainer, get_cfg, merge_config
+from common.engine import Trainer, get_cfg, merge_config, setup_queryseg
+from common.engine.checkpoint import QSCheckpointer
 
 logger = logging.getLogger("queryseg")
 
 
 def setup(args):
-    """Build the frozen config from ``--config-file`` and the trailing overrides."""
+    """Start QuerySeg (patch Detectron2, load the projects), then build the frozen config from
+    ``--config-file`` and the trailing overrides."""
+    setup_queryseg()
     cfg = get_cfg()
     merge_config(cfg, args.config_file, args.opts)
     cfg.freeze()

@@ -30,18 +30,24 @@ from collections.abc import Sequence
 import cv2
 import tqdm
 
-_DEMO = os.path.dirname(os.path.abspath(__file__))
-if _DEMO not in sys.path:  # `predictor` sits beside this script
-    sys.path.insert(0, _DEMO)
-
-from predictor import (  # noqa: E402
-    SegmentationDemo,
-    compare_on_image,
-    frames,
-    output_path,
-    render_frame,
-    setup_cfg,
-)
+if __package__:  # imported as ``demo.demo`` (the tests)
+    from .predictor import (
+        SegmentationDemo,
+        compare_on_image,
+        frames,
+        output_path,
+        render_frame,
+        setup_cfg,
+    )
+else:  # run as a script: demo/ is sys.path[0], as in Detectron2's demo
+    from predictor import (
+        SegmentationDemo,
+        compare_on_image,
+        frames,
+        output_path,
+        render_frame,
+        setup_cfg,
+    )
 
 logger = logging.getLogger("queryseg.demo")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -14,8 +14,8 @@ from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 
-from common.checkpoint import QSCheckpointer
-from common.visualization import choose_task, draw_predictions, labelled_grid
+from common.engine.checkpoint import QSCheckpointer
+from common.engine.visualization import choose_task, draw_predictions, labelled_grid
 
 logger = logging.getLogger("queryseg.demo")
 
@@ -31,8 +31,9 @@ def setup_cfg(
     their output scores when drawing. Registers the `shapes` dataset names (metadata only).
     """
     from common.data.shapes import configure_shapes_from_cfg
-    from common.engine import get_cfg, merge_config
+    from common.engine import get_cfg, merge_config, setup_queryseg
 
+    setup_queryseg()
     cfg = get_cfg()
     merge_config(cfg, config_file, list(opts))
     if weights:

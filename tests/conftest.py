@@ -30,6 +30,15 @@ from types import SimpleNamespace
 
 import pytest
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The start-up call every QuerySeg program makes (``train_net.py``, the demo, the tools):
+    patch Detectron2 and load the projects (``common.engine.launch.setup_queryseg``)."""
+    from common.engine.launch import setup_queryseg
+
+    setup_queryseg()
+
+
 TINY_SHAPES = {"image_size": 64, "num_train": 8, "num_val": 8, "seed": 0}
 
 

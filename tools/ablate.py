@@ -34,11 +34,9 @@ from typing import Any
 import yaml
 
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
-if _TOOLS not in sys.path:
-    sys.path.insert(0, _TOOLS)
 
-from bench_core import Measurer  # noqa: E402
-from benchmark import (  # noqa: E402
+from tools.bench_core import Measurer  # noqa: E402
+from tools.benchmark import (  # noqa: E402
     REPO,
     SCHEDULES,
     Entry,

@@ -21,7 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from bench_measure import (
+from detectron2.engine import HookBase
+
+from tools.bench_measure import (
     count_gflops,
     count_parameters,
     extract_metrics,
@@ -29,8 +31,7 @@ from bench_measure import (
     peak_memory_mb,
     task_of,
 )
-from bench_report import COLUMNS, fmt
-from detectron2.engine import HookBase
+from tools.bench_report import COLUMNS, fmt
 
 logger = logging.getLogger("queryseg.benchmark")
 
@@ -81,9 +82,10 @@ class Measurer:
 
     def build_cfg(self, entry: Any, output_dir: str):
         """The entry's config with its overrides, then the run-wide settings, then ``opts``."""
-        from common.engine import get_cfg, merge_config
+        from common.engine import get_cfg, merge_config, setup_queryseg
 
         s = self.settings
+        setup_queryseg()
         cfg = get_cfg()
         merge_config(cfg, entry.path, list(entry.overrides))
         forced: list[Any] = [
@@ -189,7 +191,7 @@ class Measurer:
         else:
             model = Trainer.build_model(cfg)
         if entry.weights is not None:
-            from common.checkpoint import QSCheckpointer
+            from common.engine.checkpoint import QSCheckpointer
 
             QSCheckpointer.from_config(cfg, model).load(entry.weights)
         return model, s_iter

@@ -19,18 +19,15 @@ import argparse
 import logging
 import os
 import statistics
-import sys
 import time
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 from detectron2.modeling import build_model  # noqa: E402
 
-from common.engine import get_cfg, merge_config  # noqa: E402
+from common.engine import get_cfg, merge_config, setup_queryseg  # noqa: E402
 
 _C = "projects/fastinst/configs/"
 CONFIGS = {
@@ -46,6 +43,7 @@ MORE_CONFIGS = {  # --all
 
 
 def build(config: str, opts: list[str]) -> torch.nn.Module:
+    setup_queryseg()
     cfg = get_cfg()
     merge_config(
         cfg, os.path.join(REPO, config), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts]

@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-from common.criterion import SetCriterion
-from common.matcher import HungarianMatcher
+from common.modeling.criterion import SetCriterion
+from common.modeling.matcher import HungarianMatcher
 
 NUM_CLASSES = 80
 

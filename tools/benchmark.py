@@ -31,11 +31,9 @@ from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
-if _TOOLS not in sys.path:  # `bench_core` sits beside this script
-    sys.path.insert(0, _TOOLS)
 
-from bench_core import Measurer, Progress, measure_row  # noqa: E402
-from bench_report import plot_speed_accuracy, render_markdown, write_csv  # noqa: E402
+from tools.bench_core import Measurer, Progress, measure_row  # noqa: E402
+from tools.bench_report import plot_speed_accuracy, render_markdown, write_csv  # noqa: E402
 
 logger = logging.getLogger("queryseg.benchmark")
 

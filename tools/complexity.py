@@ -25,14 +25,11 @@ import sys
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for p in (REPO, os.path.dirname(os.path.abspath(__file__))):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
-from bench_measure import FLOP_COUNTER_FALLBACK, count_gflops, count_parameters  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from common.engine import get_cfg, merge_config  # noqa: E402
+from common.engine import get_cfg, merge_config, setup_queryseg  # noqa: E402
+from tools.bench_measure import FLOP_COUNTER_FALLBACK, count_gflops, count_parameters  # noqa: E402
 
 DEFAULT_GLOBS = (
     "projects/*/configs/*_coco*.yaml",
@@ -55,6 +52,7 @@ def test_size(cfg) -> tuple[int, int]:
 
 
 def measure(config: str, size: tuple[int, int] | None, flops: bool, opts: list[str]) -> dict:
+    setup_queryseg()
     cfg = get_cfg()
     merge_config(cfg, config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
     model = build_model(cfg).eval()

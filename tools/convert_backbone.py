@@ -20,7 +20,7 @@ code's initial value and listed: Swin's output norms ``norm0..3`` (1, 0) and the
 convs of deformable res4/res5 blocks. The classifier (``fc``, ``head``, final ``norm``) is
 dropped. The config must take RGB input with ImageNet statistics and, for ResNets,
 ``STRIDE_IN_1X1: False`` (the weights were trained that way). The file holds only ``backbone.*``
-keys, which ``common.checkpoint.QSCheckpointer`` accepts as an initialisation that leaves the
+keys, which ``common.engine.checkpoint.QSCheckpointer`` accepts as an initialisation that leaves the
 heads to the model.
 """
 
@@ -34,16 +34,10 @@ from collections.abc import Mapping, Sequence
 import torch
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
 
-from common.checkpoint import (  # noqa: E402
-    CheckpointError,
-    ConversionReport,
-    convert_state_dict,
-    converter_main,
-)
-from common.convert_rules import (  # noqa: E402
+from common.convert.cli import converter_main  # noqa: E402
+from common.convert.core import CheckpointError, ConversionReport, convert_state_dict  # noqa: E402
+from common.convert.rules import (  # noqa: E402
     drop_unused_batch_counters,
     initial_values,
     resnet_layout,

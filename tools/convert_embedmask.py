@@ -13,7 +13,7 @@ Source formats (spec ``fastinst_embedmask_ops.md`` B.9):
   margins, D = 16) and keeps its module names, so the head is a prefix rename
   (``rpn.head.{cls_tower,bbox_tower,cls_logits,bbox_pred,scales}`` ->
   ``proposal_generator.fcos_head.*``, ``centerness`` -> ``ctrness``, the embedding modules ->
-  ``embed_head.*``); the ResNet uses :func:`common.convert_rules.resnet_rules` (torchvision
+  ``embed_head.*``); the ResNet uses :func:`common.convert.rules.resnet_rules` (torchvision
   names under ``backbone.body``) plus the maskrcnn-benchmark stem and FPN names
   (``fpn_inner{2,3,4}`` -> ``fpn_lateral{3,4,5}``, ``fpn_layer*`` -> ``fpn_output*``,
   ``top_blocks`` -> ``top_block``). The code generation is read off the margin conv:
@@ -47,19 +47,17 @@ from typing import Any
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-from common.checkpoint import (  # noqa: E402
+from common.convert.cli import converter_main  # noqa: E402
+from common.convert.core import (  # noqa: E402
     CheckpointError,
     ConversionReport,
     Rule,
     convert_state_dict,
-    converter_main,
     extract_model_state,
     load_checkpoint_file,
 )
-from common.convert_rules import resnet_rules  # noqa: E402
+from common.convert.rules import resnet_rules  # noqa: E402
 
 CONFIG_DIR = os.path.join(REPO, "projects", "embedmask", "configs")
 FORMATS = ("maskrcnn-benchmark", "adelaidet")

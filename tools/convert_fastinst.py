@@ -20,7 +20,8 @@ Detectron2 R50/R101 backbone map unchanged; the attention weights keep
 keep the order (80 COCO classes in Detectron2's order, no-object last), so no tensor is reshaped.
 The R50-d-DCN backbone is FastInst's timm-style ResNet-D (``conv1.{0,3,6}``, ``bn1``,
 ``layerN.i.{convK,bnK,conv2_offset}``, ``downsample.{1,2}``) and is renamed to
-``common.ops.backbones.resnet_vd`` (Detectron2 names) by :func:`common.convert_rules.resnet_rules`.
+``common.modeling.backbones.resnet_vd`` (Detectron2 names) by
+:func:`common.convert.rules.resnet_rules`.
 Dropped on purpose: the criterion's ``empty_weight`` buffer (registered twice, as
 ``criterion.empty_weight`` and ``sem_seg_head.predictor.criterion.empty_weight``; a loss constant
 QuerySeg rebuilds from ``MODEL.FASTINST.NO_OBJECT_WEIGHT``) and BatchNorm ``num_batches_tracked``
@@ -39,19 +40,17 @@ from typing import Any
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-from common.checkpoint import (  # noqa: E402
+from common.convert.cli import converter_main  # noqa: E402
+from common.convert.core import (  # noqa: E402
     CheckpointError,
     ConversionReport,
     Rule,
     convert_state_dict,
-    converter_main,
     extract_model_state,
     load_checkpoint_file,
 )
-from common.convert_rules import resnet_rules  # noqa: E402
+from common.convert.rules import resnet_rules  # noqa: E402
 
 CONFIG_DIR = os.path.join(REPO, "projects", "fastinst", "configs")
 
@@ -160,7 +159,7 @@ def convert(
     """Convert an official FastInst ``model`` state dict to QuerySeg's FastInst keys.
 
     Returns the converted dict and the report of unmapped / duplicated keys (the model check is
-    :func:`common.checkpoint.check_against_model`). ``args`` (the CLI namespace) is unused.
+    :func:`common.convert.core.check_against_model`). ``args`` (the CLI namespace) is unused.
     """
     return convert_state_dict(state, fastinst_rules(state))
 

@@ -18,8 +18,8 @@ the model it builds and nothing is written unless every key maps with the model'
 What changes (spec ``knet_queryinst.md`` A7; details in ``projects/knet/README.md``):
 
 - backbone: mmdet/mmseg ResNet (plain or ResNetV1c deep stem, DCN offsets) -> Detectron2 names
-  (:func:`common.convert_rules.resnet_rules`); mmcv Swin (``stages.i.blocks.j.attn.w_msa``,
-  patch merging by ``nn.Unfold``) -> ``SwinBackbone`` (``common.convert_rules.swin_rules`` with
+  (:func:`common.convert.rules.resnet_rules`); mmcv Swin (``stages.i.blocks.j.attn.w_msa``,
+  patch merging by ``nn.Unfold``) -> ``SwinBackbone`` (``common.convert.rules.swin_rules`` with
   ``layout="mmcv"``, which reorders the patch-merging channels);
 - mmcv ``ConvModule`` (``.conv`` + ``.gn``/``.bn``) -> Detectron2 ``Conv2d`` (weight + ``.norm``);
   mmcv ``FFN`` ``layers.0.0``/``layers.1`` -> ``ffn.0``/``ffn.3``; mmcv ``MultiheadAttention``
@@ -43,19 +43,17 @@ from typing import Any
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-from common.checkpoint import (  # noqa: E402
+from common.convert.cli import converter_main  # noqa: E402
+from common.convert.core import (  # noqa: E402
     CheckpointError,
     ConversionReport,
     Rule,
     class_permutation,
     convert_state_dict,
-    converter_main,
     permute_rows,
 )
-from common.convert_rules import (  # noqa: E402
+from common.convert.rules import (  # noqa: E402
     MMDET_COCO_CLASSES,
     drop_unused_batch_counters,
     resnet_rules,
@@ -265,7 +263,7 @@ def convert_knet(
 
     Returns:
         (QuerySeg state dict, report of unmapped / duplicate keys). Shapes are checked against
-        the model by :func:`common.checkpoint.check_against_model`.
+        the model by :func:`common.convert.core.check_against_model`.
     """
     check_format(state, fmt)
     rules = semantic_rules(state) if fmt == "semantic" else det_rules(fmt, state)

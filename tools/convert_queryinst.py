@@ -34,19 +34,17 @@ from collections.abc import Mapping, Sequence
 import torch
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
 
-from common.checkpoint import (  # noqa: E402
+from common.convert.cli import converter_main  # noqa: E402
+from common.convert.core import (  # noqa: E402
     CheckpointError,
     ConversionReport,
     Rule,
     class_permutation,
     convert_state_dict,
-    converter_main,
     permute_rows,
 )
-from common.convert_rules import (  # noqa: E402
+from common.convert.rules import (  # noqa: E402
     MMDET_COCO_CLASSES,
     drop_unused_batch_counters,
     fpn_rules,
@@ -160,7 +158,7 @@ def convert_queryinst(
 
     Returns:
         The converted state and the report of unmapped / duplicated keys (the caller adds the
-        comparison with the model, :func:`common.checkpoint.check_against_model`).
+        comparison with the model, :func:`common.convert.core.check_against_model`).
     """
     rules = queryinst_rules(detect_backbone(state), src_classes, dst_classes)
     out, report = convert_state_dict(state, rules)

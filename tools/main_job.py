@@ -20,10 +20,8 @@ import time
 from collections.abc import Sequence
 
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
-if _TOOLS not in sys.path:
-    sys.path.insert(0, _TOOLS)
 
-import benchmark  # noqa: E402
+from tools import benchmark  # noqa: E402
 
 DOCS = os.path.join(benchmark.REPO, "docs", "benchmark.md")
 

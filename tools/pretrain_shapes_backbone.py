@@ -16,7 +16,7 @@ overfit), then writes the backbone alone, under the config's own key prefix (``b
         MODEL.WEIGHTS checkpoints/knet_R18_shapes_pretrained.pth
 
 The classifier is dropped; the rest of the detection model keeps its own initialisation
-(``common.checkpoint.QSCheckpointer`` accepts a ``backbone.*``-only file). It prints the crop
+(``common.engine.checkpoint.QSCheckpointer`` accepts a ``backbone.*``-only file). It prints the crop
 accuracy on the val split's objects. What it did for K-Net (projects/knet/README.md, "Known
 gap"): 76-78 % val crop accuracy at 64 px (600 iterations, 2-4 minutes), but the 128 px
 instance AP after 500 iterations only went from 1.6 to 2.0: the fresh heads, not only the
@@ -38,8 +38,6 @@ from torch import nn
 from torch.nn import functional as F
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
 
 logger = logging.getLogger("pretrain_shapes_backbone")
 
@@ -134,10 +132,11 @@ def pretrain(
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.modeling import build_model
 
-    from common.checkpoint import ConversionReport, save_converted
+    from common.convert.core import ConversionReport, save_converted
     from common.data.shapes import configure_shapes_from_cfg
-    from common.engine import get_cfg, merge_config
+    from common.engine import get_cfg, merge_config, setup_queryseg
 
+    setup_queryseg()
     cfg = get_cfg()
     merge_config(cfg, config_file, [*opts, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     train_name = cfg.DATASETS.TRAIN[0]

@@ -18,7 +18,7 @@ import logging
 import torch
 from detectron2.modeling import build_model
 
-from common.engine import get_cfg, merge_config
+from common.engine import get_cfg, merge_config, setup_queryseg
 
 
 def count(module: torch.nn.Module) -> float:
@@ -36,6 +36,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
+    setup_queryseg()
     cfg = get_cfg()
     merge_config(cfg, args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *args.opts])
     model = build_model(cfg).eval()

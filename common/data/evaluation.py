@@ -65,7 +65,7 @@ def build_evaluator(
     - "sem_seg": ``SemSegEvaluator``.
 
     Args:
-        cfg: config with ``TEST.EVAL_TASKS`` (see ``common.config.add_common_config``).
+        cfg: config with ``TEST.EVAL_TASKS`` (see ``common.engine.defaults.add_common_config``).
         dataset_name: a registered dataset name.
         output_folder: where evaluators write their files; default ``<OUTPUT_DIR>/inference``.
 

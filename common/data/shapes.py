@@ -372,13 +372,15 @@ def configure_shapes_from_cfg(cfg, generate: bool = False) -> ShapesSpec:
     """Re-register the ``shapes_*`` names with ``cfg.DATASETS.SHAPES`` (see ``add_common_config``).
 
     Args:
-        cfg: a config that went through ``common.config.add_common_config``.
+        cfg: a config that went through ``common.engine.defaults.add_common_config``.
         generate: also generate, now, the splits of ``shapes`` datasets named in
             ``cfg.DATASETS.TRAIN``/``TEST`` (otherwise on first use).
     """
     node = cfg.DATASETS.get("SHAPES")
     if node is None:
-        raise KeyError("cfg.DATASETS.SHAPES is missing: call common.config.add_common_config(cfg)")
+        raise KeyError(
+            "cfg.DATASETS.SHAPES is missing: call common.engine.defaults.add_common_config(cfg)"
+        )
     spec = register_shapes(
         image_size=int(node.IMAGE_SIZE), num_train=int(node.NUM_TRAIN),
         num_val=int(node.NUM_VAL), seed=int(node.SEED),

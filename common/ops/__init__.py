@@ -1,21 +1,12 @@
-"""QuerySeg's shared ops: deformable attention and convolution, backbones, pixel decoder.
+"""QuerySeg's kernels: deformable attention and convolution, each a C++/CUDA op with a
+pure-PyTorch fallback, and nothing else.
 
-Importing this package:
-
-- makes Detectron2's ResNet use ``common.ops.deform_conv``'s ``DeformConv``/``ModulatedDeformConv``
-  (``deform_conv.patch_detectron2``), so ``MODEL.RESNETS.DEFORM_ON_PER_STAGE`` works without
-  Detectron2's ``_C``;
-- registers the backbones ``build_resnet_vd_backbone``, ``build_swin_backbone`` and
-  ``build_swin_fpn_backbone`` (``BACKBONE_REGISTRY``) and the pixel decoder
-  ``QSMSDeformAttnPixelDecoder`` (``SEM_SEG_HEADS_REGISTRY``).
-
-The op itself is ``common.ops.ms_deform_attn.ms_deform_attn`` (not re-exported here, so that the
-submodule name stays importable and patchable). Config keys: ``common.ops.config.add_ops_config``.
-Compiled kernels: ``common.ops.build``.
-The Detectron2-dependent parts are skipped when Detectron2 is not installed.
+- ``common.ops.ms_deform_attn``: ``MSDeformAttn`` and ``ms_deform_attn`` (not re-exported here,
+  so that the submodule name stays importable and patchable);
+- ``common.ops.deform_conv``: ``DeformConv``/``ModulatedDeformConv`` (Detectron2's signatures);
+  ``patch_detectron2`` is called by ``common.engine.launch.setup_queryseg``, never on import;
+- ``common.ops.build``: the compiled kernels.
 """
-
-import importlib.util
 
 from .deform_conv import DeformConv, ModulatedDeformConv, deform_conv2d
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn_pytorch
@@ -27,9 +18,3 @@ __all__ = [
     "MSDeformAttn",
     "ms_deform_attn_pytorch",
 ]
-
-if importlib.util.find_spec("detectron2") is not None:
-    from . import backbones, pixel_decoder  # noqa: F401  (registers builders)
-    from .deform_conv import patch_detectron2
-
-    patch_detectron2()

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
+from tools import (
+    ablate,
+    bench_core,
+    bench_report,
+    benchmark,
+)
 
-import ablate  # noqa: E402
-import bench_core  # noqa: E402
-import bench_report  # noqa: E402
-import benchmark  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MASK_RCNN = "common/configs/baselines/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml"
 

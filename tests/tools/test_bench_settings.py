@@ -2,16 +2,16 @@
 and GFLOPs of a model whose output does not depend on the computation."""
 
 import os
-import sys
 
 import torch
 from torch import nn
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
+from tools import (
+    bench_measure,
+    benchmark,
+)
 
-import bench_measure  # noqa: E402
-import benchmark  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_schedule_opts_come_before_the_callers():

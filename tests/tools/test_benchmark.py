@@ -6,19 +6,19 @@ from __future__ import annotations
 import csv
 import math
 import os
-import sys
 import time
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
+from tools import (
+    bench_core,
+    bench_measure,
+    bench_report,
+    benchmark,
+)
 
-import bench_core  # noqa: E402
-import bench_measure  # noqa: E402
-import bench_report  # noqa: E402
-import benchmark  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MASK_RCNN = "common/configs/baselines/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml"
 #: a few iterations, tiny batches, few proposals, no box-head convs: a row costs seconds

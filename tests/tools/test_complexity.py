@@ -1,12 +1,10 @@
 """tools/complexity.py: parameters and GFLOPs of configs as a Markdown table."""
 
 import os
-import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-import complexity  # noqa: E402
+from tools import complexity  # noqa: E402
 
 MRCNN = os.path.join(REPO, "common/configs/baselines/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml")
 FASTINST = os.path.join(

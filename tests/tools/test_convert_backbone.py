@@ -10,7 +10,6 @@ refused."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -19,16 +18,16 @@ import torchvision
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torch import nn
 
-import common.ops  # noqa: F401  (registers the backbones)
-from common.checkpoint import CheckpointError, QSCheckpointer, check_against_model
+import common.modeling  # noqa: F401  (registers the backbones and pixel decoder)
+from common.convert.core import CheckpointError, check_against_model
 from common.engine import get_cfg, merge_config
+from common.engine.checkpoint import QSCheckpointer
 
 timm = pytest.importorskip("timm")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-import convert_backbone  # noqa: E402
+from tools import convert_backbone  # noqa: E402
 
 QI = os.path.join(REPO, "projects/queryinst/configs")
 R50_1X = os.path.join(QI, "queryinst_R50_FPN_1x_coco.yaml")

@@ -12,26 +12,24 @@ model (R50 v2, R50 v1.5) is built once.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-import convert_embedmask  # noqa: E402
 from official_state import OfficialState  # noqa: E402
 
-from common.checkpoint import (  # noqa: E402
+from common.convert.cli import model_from_config  # noqa: E402
+from common.convert.core import (  # noqa: E402
     CheckpointError,
-    QSCheckpointer,
     check_against_model,
     convert_state_dict,
-    model_from_config,
     save_converted,
 )
+from common.engine.checkpoint import QSCheckpointer  # noqa: E402
+from tools import convert_embedmask  # noqa: E402
 
 C, CLASSES, LEVELS = 256, 80, 5
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -385,7 +383,7 @@ def test_cli_end_to_end(v2, tmp_path, capsys):
 
 
 def test_cli_refuses_adelaidet_without_writing(model_v2, tmp_path, capsys, monkeypatch):
-    import common.checkpoint as ckpt
+    import common.convert.cli as ckpt
 
     monkeypatch.setattr(ckpt, "model_from_config", lambda *a, **k: (model_v2, None))
     path, dst = tmp_path / "EmbedMask_MS_R_50_1x.pth", tmp_path / "out.pth"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -20,18 +19,13 @@ from torch.nn import functional as F
 from torchvision.ops import deform_conv2d
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-import convert_fastinst  # noqa: E402
 from official_state import OfficialState  # noqa: E402
 
-from common.checkpoint import (  # noqa: E402
-    CheckpointError,
-    QSCheckpointer,
-    check_against_model,
-    model_from_config,
-    save_converted,
-)
+from common.convert.cli import model_from_config  # noqa: E402
+from common.convert.core import CheckpointError, check_against_model, save_converted  # noqa: E402
+from common.engine.checkpoint import QSCheckpointer  # noqa: E402
+from tools import convert_fastinst  # noqa: E402
 
 D, HEADS, FFN, CLASSES = 256, 8, 1024, 80
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -436,7 +430,7 @@ def test_cli_end_to_end(converted, tmp_path, capsys):
 
 def test_cli_refuses_without_writing(converted, tmp_path, capsys, monkeypatch):
     src, _, model = converted("R50_D1")
-    import common.checkpoint as ckpt
+    import common.convert.cli as ckpt
 
     monkeypatch.setattr(ckpt, "model_from_config", lambda *a, **k: (model, None))
     bad = dict(src, **{"sem_seg_head.predictor.unknown.bias": torch.zeros(1)})

@@ -12,27 +12,25 @@ compare with the official computation written out here.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch.nn import functional as F
 
-from common.checkpoint import (
+from common.convert.core import (
     CheckpointError,
-    QSCheckpointer,
     check_against_model,
     convert_state_dict,
     permute_rows,
 )
-from common.convert_rules import swin_rules
+from common.convert.rules import swin_rules
 from common.engine import get_cfg, merge_config
+from common.engine.checkpoint import QSCheckpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-import convert_knet as ck  # noqa: E402
+from tools import convert_knet as ck  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "projects", "knet", "configs")
 

@@ -10,21 +10,20 @@ from __future__ import annotations
 import math
 import os
 import random
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from common.checkpoint import CheckpointError, QSCheckpointer, check_against_model
-from common.convert_rules import MMDET_COCO_CLASSES
+from common.convert.core import CheckpointError, check_against_model
+from common.convert.rules import MMDET_COCO_CLASSES
 from common.engine import get_cfg, merge_config
+from common.engine.checkpoint import QSCheckpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-import convert_queryinst  # noqa: E402
+from tools import convert_queryinst  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "projects/queryinst/configs")
 R50_1X = os.path.join(CONFIGS, "queryinst_R50_FPN_1x_coco.yaml")

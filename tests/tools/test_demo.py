@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import cv2
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "demo"))
+from demo import demo
 
-import demo  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BASELINES = os.path.join(REPO, "common/configs/baselines")
 MASK_RCNN = os.path.join(BASELINES, "mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml")

@@ -5,17 +5,17 @@ writes initialises exactly the config's backbone (K-Net: ``backbone.``; QueryIns
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
-from common.checkpoint import QSCheckpointer, load_checkpoint_file, model_from_config
+from common.convert.cli import model_from_config
+from common.convert.core import load_checkpoint_file
+from common.engine.checkpoint import QSCheckpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from pretrain_shapes_backbone import object_crops, pretrain  # noqa: E402
+from tools.pretrain_shapes_backbone import object_crops, pretrain  # noqa: E402
 
 KNET = os.path.join(REPO, "projects/knet/configs/shapes/knet_R18_shapes_instance.yaml")
 QUERYINST = os.path.join(REPO, "projects/queryinst/configs/shapes/queryinst_R18_FPN_shapes.yaml")

@@ -12,11 +12,16 @@ import math
 
 import torch
 from detectron2.config import CfgNode, configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from common.modeling.meta_arch import (
+    backbone_size_divisibility,
+    check_num_classes,
+    normalize_and_pad,
+)
 
 from .embed_head import EmbedMaskHead, mask_log_probability
 from .fcos import FCOS
@@ -81,7 +86,7 @@ class EmbedMask(nn.Module):
     def from_config(cls, cfg: CfgNode) -> dict:
         backbone = build_backbone(cfg)
         in_channels = backbone.output_shape()[cfg.MODEL.FCOS.IN_FEATURES[0]].channels
-        _check_num_classes(cfg)
+        check_num_classes(cfg, "MODEL.FCOS.NUM_CLASSES", cfg.MODEL.FCOS.NUM_CLASSES)
         e = cfg.MODEL.EMBEDMASK
         return {
             "backbone": backbone,
@@ -154,16 +159,8 @@ class EmbedMask(nn.Module):
 
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
         """Normalise and pad to the backbone's size divisibility. Returns [B, 3, H, W]."""
-        channels = self.pixel_mean.shape[0]
-        for x in batched_inputs:
-            if x["image"].dim() != 3 or x["image"].shape[0] != channels:
-                raise ValueError(
-                    f"EmbedMask expects images [{channels}, H, W], got {tuple(x['image'].shape)}"
-                )
-        images = [
-            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
-        ]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+        div = backbone_size_divisibility(self.backbone)
+        return normalize_and_pad(batched_inputs, self.pixel_mean, self.pixel_std, div, "EmbedMask")
 
     def inference(
         self,
@@ -241,15 +238,3 @@ class EmbedMask(nn.Module):
         result.pred_classes = det.pred_classes
         result.pred_masks = resized > self.mask_log_threshold
         return result
-
-
-def _check_num_classes(cfg: CfgNode) -> None:
-    """Raise if MODEL.FCOS.NUM_CLASSES disagrees with the training set's thing classes."""
-    if not cfg.DATASETS.TRAIN:
-        return
-    classes = getattr(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]), "thing_classes", None)
-    if classes is not None and len(classes) != cfg.MODEL.FCOS.NUM_CLASSES:
-        raise ValueError(
-            f"MODEL.FCOS.NUM_CLASSES={cfg.MODEL.FCOS.NUM_CLASSES} but {cfg.DATASETS.TRAIN[0]} has "
-            f"{len(classes)} thing classes"
-        )

@@ -3,7 +3,7 @@
 Provenance: AdelaiDet's FCOS / FCOSOutputs and the maskrcnn-benchmark FCOS that EmbedMask v2 builds
 on, with the same module names (``fcos_head.{cls_tower,bbox_tower,cls_logits,bbox_pred,ctrness,
 scales}``). Differences: target assignment and inference are vectorised over locations x GTs; the
-GIoU regression loss comes from ``common.losses`` (no +1 smoothing of the IoU as in FCOS's
+GIoU regression loss comes from ``common.modeling.losses`` (no +1 smoothing of the IoU as in FCOS's
 ``IOULoss``); ``SAMPLE_IN_MASK`` (EmbedMask) is an option of the assignment.
 """
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import batched_nms
 
-from common.losses import bce_with_logits_loss, giou_loss, sigmoid_focal_loss
+from common.modeling.losses import bce_with_logits_loss, giou_loss, sigmoid_focal_loss
 
 INF = 1e8
 

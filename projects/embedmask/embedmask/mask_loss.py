@@ -16,7 +16,7 @@ import torch
 from detectron2.structures import Instances
 from torch import Tensor
 
-from common.losses import lovasz_hinge
+from common.modeling.losses import lovasz_hinge
 
 from .embed_head import mask_log_probability
 from .fcos import ltrb_to_boxes

@@ -25,7 +25,7 @@ from detectron2.config import CfgNode, configurable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from common.position_encoding import sine_position_encoding
+from common.modeling.position_encoding import sine_position_encoding
 
 from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 from .query_proposal import QueryProposal

@@ -23,8 +23,13 @@ from detectron2.utils.memory import retry_if_cuda_oom
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from common.criterion import SetCriterion
-from common.matcher import HungarianMatcher
+from common.modeling.criterion import SetCriterion
+from common.modeling.matcher import HungarianMatcher
+from common.modeling.meta_arch import (
+    backbone_size_divisibility,
+    check_num_classes,
+    normalize_and_pad,
+)
 
 from .inference import instance_inference, panoptic_inference, semantic_inference, thing_class_ids
 
@@ -32,7 +37,7 @@ __all__ = ["FastInst", "build_fastinst_criterion"]
 
 
 def build_fastinst_criterion(cfg: CfgNode, num_classes: int) -> SetCriterion:
-    """FastInst's matcher and losses on the shared :class:`~common.criterion.SetCriterion`.
+    """FastInst's matcher and losses on the shared :class:`~common.modeling.criterion.SetCriterion`.
 
     Matcher: softmax class 2, point BCE 5, point dice 5 (12544 shared random points), location
     1000. Losses: CE (no-object 0.1) 2, point-sampled BCE 5 and dice 5 on every output; the
@@ -69,22 +74,6 @@ def build_fastinst_criterion(cfg: CfgNode, num_classes: int) -> SetCriterion:
     return SetCriterion(
         matcher, num_classes, losses, weight_dict, aux_losses=["labels_ce", "masks_point"]
     )
-
-
-def _check_num_classes(cfg: CfgNode, num_classes: int) -> None:
-    """Raise if NUM_CLASSES disagrees with the training set's metadata (when it has any)."""
-    if not cfg.DATASETS.TRAIN:
-        return
-    name = cfg.DATASETS.TRAIN[0]
-    meta = MetadataCatalog.get(name)
-    per_segment = cfg.INPUT.DATASET_MAPPER_NAME in ("panoptic", "semantic")
-    field = "stuff_classes" if per_segment else "thing_classes"
-    classes = getattr(meta, field, None)
-    if classes and len(classes) != num_classes:
-        raise ValueError(
-            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes} but dataset {name!r} has "
-            f"{len(classes)} {field} (mapper {cfg.INPUT.DATASET_MAPPER_NAME!r})"
-        )
 
 
 @META_ARCH_REGISTRY.register()
@@ -134,10 +123,7 @@ class FastInst(nn.Module):
         self.criterion = criterion
         self.num_classes = num_classes
         if size_divisibility < 0:
-            size_divisibility = getattr(backbone, "size_divisibility", 0)
-            size_divisibility = (
-                size_divisibility() if callable(size_divisibility) else size_divisibility
-            )
+            size_divisibility = backbone_size_divisibility(backbone)
         self.size_divisibility = int(size_divisibility)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -158,7 +144,9 @@ class FastInst(nn.Module):
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict[str, Any]:
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        _check_num_classes(cfg, num_classes)
+        per_segment = cfg.INPUT.DATASET_MAPPER_NAME in ("panoptic", "semantic")
+        field = "stuff_classes" if per_segment else "thing_classes"
+        check_num_classes(cfg, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", num_classes, field)
         backbone = build_backbone(cfg)
         if cfg.MODEL.SEM_SEG_HEAD.NAME == "SemSegFPNHead":  # detectron2's default: not ours
             from .head import FastInstHead
@@ -215,16 +203,9 @@ class FastInst(nn.Module):
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
         """Normalise and pad the images to ``size_divisibility``. Returns an ImageList whose
         tensor is [B, 3, H_pad, W_pad]."""
-        images = []
-        for x in batched_inputs:
-            img = x["image"].to(self.device)
-            if img.dim() != 3 or img.shape[0] != self.pixel_mean.shape[0]:
-                raise ValueError(
-                    f"expected an image of shape [{self.pixel_mean.shape[0]}, H, W], "
-                    f"got {tuple(img.shape)}"
-                )
-            images.append((img - self.pixel_mean) / self.pixel_std)
-        return ImageList.from_tensors(images, self.size_divisibility)
+        return normalize_and_pad(
+            batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility, "FastInst"
+        )
 
     def prepare_targets(
         self, instances: list[Instances], padded_size: Sequence[int]

@@ -4,10 +4,7 @@ Importing the package registers the meta-architectures ``KNet`` and ``KNetSemant
 and K-Net's loss terms in the shared criterion registry.
 """
 
-try:  # registers the ResNet-vd (R-50-D8) and Swin backbones and DeformConv the configs use
-    import common.ops  # noqa: F401
-except ImportError:  # common.ops absent: only the Detectron2 ResNet configs work
-    pass
+import common.modeling  # noqa: F401  (registers the ResNet-vd (R-50-D8) and Swin backbones)
 
 from . import losses  # noqa: F401  (registers K-Net's loss terms)
 from .config import add_knet_config

@@ -12,8 +12,9 @@ from detectron2.structures import ImageList
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from common.criterion import SetCriterion
-from common.matcher import HungarianMatcher
+from common.modeling.criterion import SetCriterion
+from common.modeling.matcher import HungarianMatcher
+from common.modeling.meta_arch import check_num_classes, metadata_class_count, normalize_and_pad
 
 from .kernel_head import ConvKernelHead
 from .kernel_update_head import KernelUpdateHead
@@ -241,11 +242,9 @@ class KNet(nn.Module):
     # ---- data ---------------------------------------------------------------------------
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
         """Normalize and pad to ``size_divisibility``: ImageList [B, 3, H_pad, W_pad]."""
-        check_images(batched_inputs, self.pixel_mean.shape[0])
-        images = [
-            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
-        ]
-        return ImageList.from_tensors(images, self.size_divisibility)
+        return normalize_and_pad(
+            batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility, "K-Net"
+        )
 
     def prepare_targets(
         self, batched_inputs: list[dict[str, Any]], images: ImageList
@@ -379,18 +378,6 @@ def build_knet_criteria(
     return rpn_criterion, criterion
 
 
-def check_images(batched_inputs: list[dict[str, Any]], channels: int) -> None:
-    """Raise a clear error for inputs that are not [C, H, W] images with C = len(PIXEL_MEAN)."""
-    for i, x in enumerate(batched_inputs):
-        image = x.get("image")
-        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != channels:
-            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-            raise ValueError(
-                f"input {i}: 'image' must be a [{channels}, H, W] tensor "
-                f"(MODEL.PIXEL_MEAN has {channels} values), got {shape}"
-            )
-
-
 def _merge_stuff(labels: Tensor, masks: Tensor, is_thing: Tensor) -> tuple[Tensor, Tensor]:
     """Things first (as given), then one union mask per stuff class present.
 
@@ -424,16 +411,11 @@ def _check_metadata(cfg: CfgNode, num_things: int, num_stuff: int, panoptic: boo
     panoptic metadata lists all 133 names in ``thing_classes``), the panoptic total by
     ``stuff_classes`` (which lists every class in the standard registration).
     """
+    check_num_classes(cfg, "MODEL.KNET.NUM_THING_CLASSES", num_things, "thing_classes")
     for name in cfg.DATASETS.TRAIN[:1]:
         meta = MetadataCatalog.get(name)
-        id_map = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
-        things = len(id_map) if id_map else len(getattr(meta, "thing_classes", None) or [])
-        if things and things != num_things:
-            raise ValueError(
-                f"MODEL.KNET.NUM_THING_CLASSES={num_things} but dataset {name!r} has "
-                f"{things} thing classes"
-            )
-        total = len(getattr(meta, "stuff_classes", None) or [])
+        things = metadata_class_count(meta, "thing_classes")
+        total = metadata_class_count(meta, "stuff_classes")
         if panoptic and things and total and total - things != num_stuff:
             raise ValueError(
                 f"MODEL.KNET.NUM_STUFF_CLASSES={num_stuff} but dataset {name!r} has "

@@ -6,18 +6,17 @@ from typing import Any
 
 import torch
 from detectron2.config import CfgNode, configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from common.losses import softmax_ce_loss
+from common.modeling.losses import softmax_ce_loss
+from common.modeling.meta_arch import check_num_classes, normalize_and_pad
 
 from .decode_heads import FCNHead, _KernelDecodeHead, build_decode_head
 from .kernel_update_head import KernelUpdateHead
-from .knet import check_images
 
 
 @META_ARCH_REGISTRY.register()
@@ -84,13 +83,7 @@ class KNetSemantic(nn.Module):
     def from_config(cls, cfg: CfgNode) -> dict[str, Any]:
         k, s = cfg.MODEL.KNET, cfg.MODEL.KNET.SEMANTIC
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        for name in cfg.DATASETS.TRAIN[:1]:
-            stuff = getattr(MetadataCatalog.get(name), "stuff_classes", None)
-            if stuff is not None and len(stuff) != num_classes:
-                raise ValueError(
-                    f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes} but dataset {name!r} has "
-                    f"{len(stuff)} classes"
-                )
+        check_num_classes(cfg, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", num_classes, "stuff_classes")
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
         wanted = [*s.IN_FEATURES, *([s.AUX_IN_FEATURE] if s.AUX_IN_FEATURE else [])]
@@ -193,12 +186,8 @@ class KNetSemantic(nn.Module):
         Returns:
             ImageList [B, 3, H_pad, W_pad].
         """
-        check_images(batched_inputs, self.pixel_mean.shape[0])
-        images = [
-            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
-        ]
         div = self.size_divisibility if self.training else self.test_size_divisibility
-        return ImageList.from_tensors(images, div)
+        return normalize_and_pad(batched_inputs, self.pixel_mean, self.pixel_std, div, "K-Net")
 
     def forward_stages(self, features: list[Tensor]) -> list[Tensor]:
         """Returns the logits of every stage, [B, num_classes, h, w] each (stage 0 first)."""

@@ -1,9 +1,11 @@
 """K-Net's pieces of the shared matching and set criterion.
 
-- :class:`KNetMatcher`: the shared :class:`~common.matcher.HungarianMatcher` restricted to the
-  learned (thing) kernels and thing classes, plus the fixed 1:1 pairs of the panoptic stuff
+- :class:`KNetMatcher`: the shared :class:`~common.modeling.matcher.HungarianMatcher` restricted
+  to the   learned (thing) kernels and thing classes, plus the fixed 1:1 pairs of the panoptic stuff
   kernels (kernel ``N + i`` <-> stuff class ``T + i``), as ``KernelIterHead`` assigns them.
 - ``knet_labels_focal`` (``loss_cls``): sigmoid focal with K-Net's panoptic label weights.
+- ``rank`` (``loss_rank``, :class:`RankLoss`) with :func:`knet_rank_targets` and
+  :func:`rank_loss`: the panoptic rank loss over all kernels' masks.
 - ``knet_semantic_seg`` (``loss_seg``): the stage-0 dense sigmoid focal loss on the semantic
   classifier.
 
@@ -19,14 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from common.loss_terms import (
+from common.modeling.costs import resize_masks
+from common.modeling.loss_terms import (
     LossTerm,
     matched_labels,
     register_loss_term,
     src_permutation_idx,
 )
-from common.losses import sigmoid_focal_loss
-from common.matcher import HungarianMatcher
+from common.modeling.losses import AvgFactor, sigmoid_focal_loss, softmax_ce_loss
+from common.modeling.matcher import HungarianMatcher
 
 Indices = list[tuple[Tensor, Tensor]]
 
@@ -186,3 +189,93 @@ class KNetSemanticSegLoss(LossTerm):
             avg_factor=float(max(int(fg.sum()), 1)),
         )
         return {"loss_seg": loss}
+
+
+def knet_rank_targets(mask_targets: Tensor, ignore_index: int = 255) -> Tensor:
+    """K-Net rank targets: for each pixel, the index of the kernel whose target mask covers it.
+
+    A pixel is covered by kernel j if ``mask_targets[j] > 0`` (K-Net casts its soft targets to
+    bool). Where several kernels cover a pixel the highest index wins (K-Net assigns in kernel
+    order, later ones overwrite). Uncovered pixels get ``ignore_index``.
+
+    Args:
+        mask_targets: [..., N, H, W] per-kernel targets (zeros for unmatched kernels).
+
+    Returns:
+        [..., H, W] long.
+    """
+    covered = mask_targets > 0
+    num = covered.shape[-3]
+    if num == 0:
+        shape = covered.shape[:-3] + covered.shape[-2:]
+        best = torch.zeros(shape, dtype=torch.long, device=covered.device)
+    else:
+        order = torch.arange(1, num + 1, device=covered.device).view(num, 1, 1)
+        best = (covered.long() * order).amax(dim=-3)
+    best = best - 1
+    return torch.where(best >= 0, best, torch.full_like(best, ignore_index))
+
+
+def rank_loss(
+    mask_logits: Tensor,
+    rank_targets: Tensor,
+    *,
+    ignore_index: int = 255,
+    avg_non_ignore: bool = False,
+    reduction: str = "mean",
+    avg_factor: AvgFactor = None,
+) -> Tensor:
+    """K-Net rank loss: softmax cross-entropy over the kernel dimension at every pixel.
+
+    With ``reduction="mean"`` and no ``avg_factor`` the sum over covered pixels is divided by
+    the number of ALL pixels (mmdet 2.x CrossEntropyLoss with ``ignore_index``, as K-Net uses
+    it), or by the number of non-ignored pixels if ``avg_non_ignore``.
+
+    Args:
+        mask_logits: [B, N, H, W] mask logits of all kernels.
+        rank_targets: [B, H, W] long from :func:`knet_rank_targets`.
+
+    Returns:
+        [B, H, W] for "none", else a 0-d tensor.
+    """
+    logits = mask_logits.permute(0, 2, 3, 1)
+    if reduction == "mean" and avg_factor is None and not avg_non_ignore:
+        avg_factor = max(rank_targets.numel(), 1)
+    return softmax_ce_loss(
+        logits,
+        rank_targets,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        avg_factor=avg_factor,
+    )
+
+
+@register_loss_term("rank")
+class RankLoss(LossTerm):
+    """``loss_rank`` (K-Net panoptic): per-pixel softmax CE over ALL kernels' masks; a pixel's
+    target is the kernel whose matched (resized) GT mask is > 0 there, others ignored; mean over
+    all pixels (mmdet 2.x) unless ``avg_non_ignore``."""
+
+    keys = ("loss_rank",)
+    required_keys = ("pred_masks",)
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, avg_non_ignore: bool = False):
+        super().__init__(num_classes)
+        self.ignore_index, self.avg_non_ignore = ignore_index, avg_non_ignore
+
+    def __call__(self, outputs, targets, indices, num_targets):
+        masks = outputs["pred_masks"]
+        size = tuple(masks.shape[-2:])
+        rank_targets = []
+        for t, (src, tgt) in zip(targets, indices):
+            per_kernel = torch.zeros((masks.shape[1], *size), device=masks.device)
+            resized = resize_masks(t["masks"][tgt.to(t["masks"].device)], size)
+            per_kernel[src.to(masks.device)] = resized.to(masks.device)
+            rank_targets.append(knet_rank_targets(per_kernel, self.ignore_index))
+        loss = rank_loss(
+            masks.float(),
+            torch.stack(rank_targets),
+            ignore_index=self.ignore_index,
+            avg_non_ignore=self.avg_non_ignore,
+        )
+        return {"loss_rank": loss}

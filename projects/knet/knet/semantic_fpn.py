@@ -10,7 +10,7 @@ from __future__ import annotations
 from detectron2.layers import Conv2d, get_norm
 from torch import Tensor, nn
 
-from common.position_encoding import sine_position_encoding
+from common.modeling.position_encoding import sine_position_encoding
 
 
 def conv_norm_relu(

@@ -1,4 +1,4 @@
-"""QueryInst's mask loss term for the shared :class:`common.criterion.SetCriterion`.
+"""QueryInst's mask loss term for the shared :class:`common.modeling.criterion.SetCriterion`.
 
 Provenance: follows ``DynamicMaskHead.loss`` + mmdet ``mask_target``: the GT bitmap of each
 matched target is cropped and resized to 28x28 with aligned RoIAlign on the matched query's refined
@@ -16,8 +16,8 @@ import torch
 from detectron2.structures import BitMasks
 from torch import Tensor
 
-from common.criterion import LossTerm, register_loss_term
-from common.losses import dice_loss
+from common.modeling.criterion import LossTerm, register_loss_term
+from common.modeling.losses import dice_loss
 
 __all__ = ["RoIMaskDiceLoss", "roi_mask_targets"]
 

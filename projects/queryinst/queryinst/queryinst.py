@@ -15,15 +15,19 @@ from typing import Any
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.layers import paste_masks_in_image
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
-from common.criterion import SetCriterion
-from common.loss_terms import matched_labels, src_permutation_idx
-from common.matcher import HungarianMatcher
+from common.modeling.criterion import SetCriterion
+from common.modeling.loss_terms import matched_labels, src_permutation_idx
+from common.modeling.matcher import HungarianMatcher
+from common.modeling.meta_arch import (
+    backbone_size_divisibility,
+    check_num_classes,
+    normalize_and_pad,
+)
 
 from . import loss as _loss  # noqa: F401  (registers the "roi_mask_dice" loss term)
 from .roi_head import EmbeddingRPNHead, QueryRoIHead
@@ -79,7 +83,7 @@ class QueryInst(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> dict[str, Any]:
         q = cfg.MODEL.QUERYINST
-        _check_num_classes(cfg)
+        check_num_classes(cfg, "MODEL.QUERYINST.NUM_CLASSES", cfg.MODEL.QUERYINST.NUM_CLASSES)
         backbone = build_backbone(cfg)
         roi_head = QueryRoIHead(cfg, backbone.output_shape())
         dim = roi_head.bbox_head[0].in_channels
@@ -297,16 +301,8 @@ class QueryInst(nn.Module):
     # ---- input handling --------------------------------------------------------------------
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
         """Normalise and pad the images to the backbone's size divisibility."""
-        images = []
-        for x in batched_inputs:
-            img = x["image"]
-            if img.dim() != 3 or img.shape[0] != self.pixel_mean.shape[0]:
-                raise ValueError(
-                    f"QueryInst expects images [{self.pixel_mean.shape[0]}, H, W], "
-                    f"got {tuple(img.shape)}"
-                )
-            images.append((img.to(self.device) - self.pixel_mean) / self.pixel_std)
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+        div = backbone_size_divisibility(self.backbone)
+        return normalize_and_pad(batched_inputs, self.pixel_mean, self.pixel_std, div, "QueryInst")
 
     def prepare_targets(
         self, batched_inputs: list[dict[str, Any]], image_sizes: list[tuple[int, int]]
@@ -333,14 +329,3 @@ class QueryInst(nn.Module):
                 f"{self.num_classes}"
             )
         return targets
-
-
-def _check_num_classes(cfg) -> None:
-    """Raise if MODEL.QUERYINST.NUM_CLASSES disagrees with the training set's thing classes."""
-    for name in cfg.DATASETS.TRAIN:
-        things = getattr(MetadataCatalog.get(name), "thing_classes", None)
-        if things and len(things) != cfg.MODEL.QUERYINST.NUM_CLASSES:
-            raise ValueError(
-                f"MODEL.QUERYINST.NUM_CLASSES={cfg.MODEL.QUERYINST.NUM_CLASSES} but dataset "
-                f"{name!r} has {len(things)} thing classes"
-            )

@@ -20,9 +20,9 @@ from detectron2.structures import Boxes, BoxMode, Instances, polygons_to_bitmask
 from PIL import Image
 
 import common.data  # noqa: F401  (registers the datasets)
-from common.config import add_common_config
 from common.data.evaluation import build_evaluator, load_sem_seg_label
 from common.data.shapes import register_shapes
+from common.engine.defaults import add_common_config
 
 
 @pytest.fixture

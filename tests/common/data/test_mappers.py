@@ -13,7 +13,7 @@ from common.data.mappers import MAPPER_REGISTRY, build_mapper
 from common.data.validation import DataError
 from common.engine import get_cfg, merge_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
 def _cfg(task, train_name, **extra):

@@ -20,10 +20,10 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import common.data  # noqa: F401  (registers the datasets)
-from common.config import add_common_config
 from common.data import shapes
 from common.data import shapes_gen as gen
 from common.data.shapes import ShapesSpec, configure_shapes_from_cfg, ensure_split, register_shapes
+from common.engine.defaults import add_common_config
 
 NUM_THINGS, NUM_CLASSES = len(gen.THING_CATEGORIES), len(gen.CATEGORIES)
 

@@ -13,9 +13,11 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from torch import nn
 
-import common.ops  # noqa: F401  (patches Detectron2's ResNet)
-from common.ops.config import add_ops_config
+from common.engine.launch import patch_detectron2
+from common.engine.model_defaults import add_model_config
 from common.ops.deform_conv import DeformConv, ModulatedDeformConv
+
+patch_detectron2()  # the start-up call train_net.py makes (setup_queryseg)
 
 
 def _conv_args(groups=1):
@@ -92,7 +94,7 @@ def test_low_precision_and_autocast(dtype):
 
 def _dcn_cfg(name="build_resnet_backbone", modulated=False):
     cfg = get_cfg()
-    add_ops_config(cfg)
+    add_model_config(cfg)
     cfg.MODEL.BACKBONE.NAME = name
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.RESNETS.DEPTH = 50

@@ -14,7 +14,7 @@ from embedmask.mask_loss import (
     sample_gt_masks,
 )
 
-from common.losses import lovasz_hinge
+from common.modeling.losses import lovasz_hinge
 
 
 def test_mask_probability_equals_formula_on_a_tiny_case():

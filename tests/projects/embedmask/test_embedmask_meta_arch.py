@@ -77,7 +77,7 @@ def test_every_yaml_merges_and_builds(path):
 def test_num_classes_mismatch_is_reported_at_build():
     cfg = get_cfg()
     merge_config(cfg, os.path.join(REPO, SHAPES_CFG), [*SMALL, "MODEL.FCOS.NUM_CLASSES", "80"])
-    with pytest.raises(ValueError, match="NUM_CLASSES=80 but shapes_train has 5"):
+    with pytest.raises(ValueError, match="NUM_CLASSES=80 but dataset 'shapes_train' has 5"):
         build_model(cfg)
 
 

@@ -27,7 +27,7 @@ OFFICIAL_PARAMS = {
     "fastinst_R50-d-DCN_ppm-fpn_D1_576_50ep_coco.yaml": 30,
     "fastinst_R50-d-DCN_ppm-fpn_D3_640_50ep_coco.yaml": 35,
 }
-# keys a YAML may use that come from common.ops (add_ops_config) rather than detectron2
+# keys a YAML may use that come from common.ops (add_model_config) rather than detectron2
 OPS_KEYS = (
     "DEEP_STEM",
     "AVG_DOWN",
@@ -43,11 +43,12 @@ def _skip_if_ops_missing(cfg, rel: str) -> None:
     for key in OPS_KEYS:
         if f"{key}:" in text and key not in head and key not in resnets:
             pytest.skip(
-                f"{rel} sets {key}, which get_cfg() lacks: common.ops.config.add_ops_config "
-                "is not called by common.config.add_common_config yet"
+                f"{rel} sets {key}, which get_cfg() lacks: "
+                f"common.engine.model_defaults.add_model_config "
+                "is not called by common.engine.defaults.add_common_config yet"
             )
     try:
-        import common.ops  # noqa: F401  (registers the backbones and pixel decoder)
+        import common.modeling  # noqa: F401  (registers the backbones and pixel decoder)
     except ImportError as e:
         pytest.skip(f"{rel}: common.ops does not import: {e}")
 

@@ -146,7 +146,9 @@ def test_location_cost_forbids_matches_outside_the_object():
 
 
 def test_dense_proposal_matching_stays_inside_objects():
-    from common.matcher import HungarianMatcher, proposal_match_outputs
+    from fastinst.losses import proposal_match_outputs
+
+    from common.modeling.matcher import HungarianMatcher
 
     gt = torch.zeros(2, 64, 64)
     gt[0, :16, :16] = 1
@@ -331,7 +333,7 @@ def test_bad_config_and_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="CONVS_DIM"):
         build_model(_cfg("MODEL.SEM_SEG_HEAD.CONVS_DIM", "64"))
     model = build_model(_cfg())
-    with pytest.raises(ValueError, match="image of shape"):
+    with pytest.raises(ValueError, match="FastInst expects images"):
         model.eval()([{"image": torch.zeros(64, 64, 3, dtype=torch.uint8)}])
     from detectron2.structures import BitMasks, Instances
 

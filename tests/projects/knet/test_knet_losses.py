@@ -6,10 +6,16 @@ import math
 
 import pytest
 import torch
-from knet.losses import KNetFocalLabelsLoss, KNetMatcher, KNetSemanticSegLoss
+from knet.losses import (
+    KNetFocalLabelsLoss,
+    KNetMatcher,
+    KNetSemanticSegLoss,
+    knet_rank_targets,
+    rank_loss,
+)
 from knet.postprocessing import instance_inference, panoptic_inference
 
-from common.matcher import HungarianMatcher
+from common.modeling.matcher import HungarianMatcher
 
 LN2 = math.log(2)
 NEG = 0.75 * 0.25 * LN2  # focal loss of a logit 0 (p = 1/2) on a negative: (1-a) p^2 (-log(1-p))
@@ -150,3 +156,26 @@ def test_instance_inference_top_k_by_hand():
     assert inst.pred_masks.shape == (3, 4, 4)
     # kernel 1 = bottom row -> rows 2-3 of the 4x4 output; kernel 0 = top-left pixel
     assert inst.pred_boxes.tensor.tolist() == [[0, 2, 4, 4], [0, 0, 2, 2], [0, 2, 4, 4]]
+
+
+def test_knet_rank_targets_and_loss():
+    masks = torch.zeros(3, 2, 2)
+    masks[0, 0, :] = 1.0
+    masks[2, 0, 0] = 0.3  # overlaps kernel 0 at (0, 0): the later kernel wins
+    masks[1, 1, 1] = 1.0
+    tgt = knet_rank_targets(masks, ignore_index=255)
+    assert tgt.tolist() == [[2, 0], [255, 1]]
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(1, 3, 2, 2, generator=g, dtype=torch.float64).requires_grad_()
+    loss = rank_loss(logits, tgt[None])
+    logp = logits.log_softmax(1)[0]
+    manual = -(logp[2, 0, 0] + logp[0, 0, 1] + logp[1, 1, 1]) / 4  # mean over ALL pixels
+    assert torch.allclose(loss, manual)
+    assert torch.allclose(rank_loss(logits, tgt[None], avg_non_ignore=True), manual * 4 / 3)
+    assert torch.autograd.gradcheck(lambda x: rank_loss(x, tgt[None]), (logits,))
+    none = knet_rank_targets(torch.zeros(0, 2, 2))
+    assert (none == 255).all() and none.shape == (2, 2)
+    all_ignored = rank_loss(
+        torch.zeros(1, 2, 2, 2, requires_grad=True), torch.full((1, 2, 2), 255)
+    )
+    assert all_ignored.item() == 0.0 and all_ignored.grad_fn is not None

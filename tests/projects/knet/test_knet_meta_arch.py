@@ -156,9 +156,9 @@ def knet_get_cfg():
     ``add_common_config`` does not add them itself yet."""
     cfg = get_cfg()
     if "DEEP_STEM" not in cfg.MODEL.RESNETS:
-        from common.ops.config import add_ops_config
+        from common.engine.model_defaults import add_model_config
 
-        add_ops_config(cfg)
+        add_model_config(cfg)
     return cfg
 
 

@@ -12,11 +12,11 @@ import torch
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from meta_arch_mixin import REPO, MetaArchTestMixin, make_batch
 
-import common.data  # noqa: F401  (registers shapes_*: thing_classes for the class-count check)
+import common.data
 from common.engine import get_cfg, merge_config
 
 try:  # registers build_swin_fpn_backbone and friends (common/ops)
-    import common.ops  # noqa: F401
+    import common.modeling  # noqa: F401  (registers the backbones and pixel decoder)
 except ImportError:  # pragma: no cover - common.ops not in this checkout yet
     pass
 
@@ -152,7 +152,7 @@ def test_every_yaml_merges_and_builds(path):
         merge_config(cfg, path, ["MODEL.DEVICE", "cpu"])
     except KeyError as e:  # a key of a shared piece that is not in this checkout yet
         if "SWIN" in str(e):
-            pytest.skip(f"MODEL.SWIN keys (common/ops add_ops_config) not registered yet: {e}")
+            pytest.skip(f"MODEL.SWIN keys (common/ops add_model_config) not registered yet: {e}")
         raise
     assert cfg.MODEL.META_ARCHITECTURE == "QueryInst"
     missing = _backbone_missing(cfg)

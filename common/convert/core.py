@@ -1,4 +1,4 @@
-"""Checkpoints in and out: safe loading, strict matching, and the machinery every converter shares.
+"""Checkpoint-conversion core: safe loading and the machinery every converter shares.
 
 - :func:`load_checkpoint_file` opens a ``.pth``/``.pkl`` without running arbitrary pickled code:
   ``torch.load(weights_only=True)`` (NumPy arrays allowed), and a restricted unpickler for
@@ -10,10 +10,9 @@
   are the converter core (``tools/convert_*.py``): every source key must match a rule (or be dropped
   on purpose), every target key must be produced with the model's shape, and nothing is written
   while any of that fails: the error lists every offending key.
-- :class:`QSCheckpointer` is Detectron2's checkpointer for training and ``--eval-only``: it records
-  the meta-architecture in what it saves and refuses a checkpoint of another model, a checkpoint
-  with missing/unexpected keys or wrong shapes (``MODEL.WEIGHTS_STRICT False`` restores Detectron2's
-  warn-and-continue, e.g. to fine-tune with another number of classes).
+
+The converters' command line is :mod:`common.convert.cli`; strict loading for training and
+``--eval-only`` is :class:`common.engine.checkpoint.QSCheckpointer`.
 """
 
 from __future__ import annotations
@@ -22,14 +21,12 @@ import logging
 import os
 import pickle
 import re
-import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 
 logger = logging.getLogger(__name__)
 
@@ -309,178 +306,3 @@ def permute_rows(perm: Sequence[int], extra: int = 0) -> Transform:
         return t[idx]
 
     return apply
-
-
-def model_from_config(config_file: str, opts: Sequence[str] = ()) -> tuple[torch.nn.Module, Any]:
-    """Build the (randomly initialised) CPU model a converted checkpoint is checked against."""
-    from detectron2.modeling import build_model
-
-    from common.engine import get_cfg, merge_config
-
-    cfg = get_cfg()
-    merge_config(cfg, config_file, [*opts, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
-    cfg.freeze()
-    model = build_model(cfg)
-    model.eval()
-    return model, cfg
-
-
-def converter_main(
-    description: str,
-    convert: Callable[[dict[str, torch.Tensor], Any], tuple[dict, ConversionReport]],
-    default_config: str | None,
-    argv: Sequence[str] | None = None,
-    formats: Sequence[str] = (),
-    target: Callable[[torch.nn.Module], Mapping[str, torch.Tensor]] | None = None,
-) -> int:
-    """Shared CLI of ``tools/convert_*.py``: load (safely), convert, check against the QuerySeg
-    model built from ``--config-file``, and write only when every key maps.
-
-    ``convert(state, args)`` returns the converted state and its report; ``args.format`` holds the
-    chosen ``--format`` when ``formats`` is given, ``args.model``/``args.cfg`` the model built
-    from ``--config-file`` and its config (``None`` without one), so that a conversion can ask it
-    (e.g. which norms keep a BatchNorm counter). ``target(model)`` selects the part of the model's
-    state the result must match exactly (default: all of it, and the result records the
-    meta-architecture); a backbone initialisation passes its backbone part and records none,
-    since one backbone file serves every method.
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("src", help="the official checkpoint (.pth / .pkl)")
-    parser.add_argument("dst", help="output .pth for MODEL.WEIGHTS")
-    parser.add_argument("--config-file", default=default_config,
-                        help="QuerySeg config whose model the result must load into "
-                             f"(default: {default_config})")  # fmt: skip
-    if formats:
-        parser.add_argument("--format", choices=list(formats), default=formats[0],
-                            help="source layout")  # fmt: skip
-    parser.add_argument(
-        "--trust",
-        action="store_true",
-        help="allow arbitrary pickled objects in src (only for files you trust)",
-    )
-    parser.add_argument(
-        "opts", nargs="*", help="KEY VALUE config overrides (anywhere after src dst)"
-    )
-    args = parser.parse_intermixed_args(argv)
-    state = extract_model_state(load_checkpoint_file(args.src, trusted=args.trust), args.src)
-    args.model, args.cfg = (
-        model_from_config(args.config_file, args.opts) if args.config_file else (None, None)
-    )
-    try:
-        converted, report = convert(state, args)
-    except CheckpointError as e:
-        sys.stderr.write(f"{e}\n")
-        return 1
-    meta = None
-    if args.model is not None:
-        check_against_model(converted, target(args.model) if target else args.model, report)
-        meta = None if target else type(args.model).__name__
-    try:
-        save_converted(converted, report, args.dst, args.src, meta)
-    except CheckpointError as e:
-        sys.stderr.write(f"{e}\n")
-        return 1
-    checked = f" (checked against {args.config_file})" if args.config_file else ""
-    sys.stdout.write(f"converted {len(state)} tensors into {len(converted)}: {args.dst}{checked}\n")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# Strict loading in train_net.py
-# --------------------------------------------------------------------------------------------
-
-
-def _prefixes(keys: Iterable[str], depth: int = 2) -> set[str]:
-    return {".".join(k.split(".")[:depth]) for k in keys}
-
-
-class QSCheckpointer(DetectionCheckpointer):
-    """:class:`DetectionCheckpointer` that loads safely and strictly.
-
-    - Saves ``meta_architecture`` with every checkpoint; loading a checkpoint of another
-      meta-architecture is an error that names both.
-    - ``strict`` (``MODEL.WEIGHTS_STRICT``): unexpected keys and shape mismatches are errors;
-      missing keys are errors too, except for an initialisation checkpoint that covers only part
-      of the model (an ImageNet backbone: keys only under ``backbone.``), where only the modules
-      it covers must be complete.
-    - ``trusted`` (``MODEL.WEIGHTS_TRUSTED``): allow full pickles; otherwise ``weights_only``.
-    """
-
-    def __init__(self, model, save_dir: str = "", *, strict: bool = True, trusted: bool = False,
-                 **checkpointables):  # fmt: skip
-        super().__init__(model, save_dir, **checkpointables)
-        self.strict = strict
-        self.trusted = trusted
-        self._loading = "<checkpoint>"
-
-    @classmethod
-    def from_config(cls, cfg, model, save_dir: str = "", **checkpointables) -> QSCheckpointer:
-        return cls(model, save_dir, strict=cfg.MODEL.WEIGHTS_STRICT,
-                   trusted=cfg.MODEL.WEIGHTS_TRUSTED, **checkpointables)  # fmt: skip
-
-    def save(self, name: str, **kwargs: Any) -> None:
-        kwargs.setdefault("meta_architecture", type(self.model).__name__)
-        super().save(name, **kwargs)
-
-    def load(self, path: str, checkpointables=None):
-        self._loading = path
-        return super().load(path, checkpointables)
-
-    def _load_file(self, filename: str):
-        if filename.endswith(".pkl"):
-            data = load_checkpoint_file(filename, trusted=self.trusted)
-            if isinstance(data, Mapping) and "model" in data and "__author__" in data:
-                return dict(data)
-            if isinstance(data, Mapping) and "blobs" in data:
-                data = data["blobs"]
-            model = {k: v for k, v in data.items() if not k.endswith("_momentum")}
-            return {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
-        return super()._load_file(filename)
-
-    def _torch_load(self, f: str):
-        return load_checkpoint_file(f, trusted=self.trusted)
-
-    def _load_model(self, checkpoint):
-        path = self._loading
-        ours = type(self.model).__name__
-        theirs = checkpoint.get("meta_architecture")
-        if theirs and theirs != ours and self.strict:
-            raise CheckpointError(
-                f"{path} is a checkpoint of {theirs}, but the config builds {ours} "
-                "(check MODEL.WEIGHTS / --config-file)"
-            )
-        ckpt_keys = [k.removeprefix("module.") for k in checkpoint.get("model", {})]
-        heuristic = bool(checkpoint.get("matching_heuristics", False))
-        incompatible = super()._load_model(checkpoint)
-        if incompatible is None or not self.strict:
-            return incompatible
-        partial = heuristic or all(k.startswith("backbone.") for k in ckpt_keys)
-        missing = list(incompatible.missing_keys)
-        if partial:
-            # BatchNorm fills in a missing num_batches_tracked itself: it proves no coverage
-            covered = _prefixes(
-                k
-                for k in self.model.state_dict()
-                if k not in missing and not k.endswith(".num_batches_tracked")
-            )
-            if not covered:
-                raise CheckpointError(
-                    f"{path}: none of its {len(ckpt_keys)} keys matches the {ours} model "
-                    f"(first keys: {', '.join(ckpt_keys[:5])}); convert it with tools/convert_*.py"
-                )
-            missing = [k for k in missing if ".".join(k.split(".")[:2]) in covered]
-        report = ConversionReport(
-            missing=missing,
-            unexpected=list(incompatible.unexpected_keys),
-            shapes=list(incompatible.incorrect_shapes),
-        )
-        if not report.ok:
-            hint = f" ({theirs} checkpoint)" if theirs else ""
-            raise CheckpointError(
-                f"{path}{hint} does not fit the {ours} model built from the config; not loading "
-                "a partial model (MODEL.WEIGHTS_STRICT False loads what fits, as Detectron2 "
-                "does, e.g. to fine-tune with another number of classes)\n" + report.format(10)
-            )
-        return incompatible

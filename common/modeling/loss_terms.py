@@ -1,4 +1,4 @@
-"""Loss terms for :class:`common.criterion.SetCriterion`, registered by name.
+"""Loss terms for :class:`common.modeling.criterion.SetCriterion`, registered by name.
 
 A loss term is a callable ``term(outputs, targets, indices, num_targets) -> {key: loss}``:
 
@@ -21,20 +21,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from common.costs import resize_masks
-from common.losses import (
+from common.modeling.costs import resize_masks
+from common.modeling.losses import (
     bce_with_logits_loss,
     dice_loss,
     giou_loss,
-    knet_rank_targets,
     l1_box_loss,
     normalize_boxes,
-    rank_loss,
     sigmoid_focal_loss,
     softmax_ce_loss,
 )
-from common.matcher import HungarianMatcher, proposal_match_outputs
-from common.point_sampling import (
+from common.modeling.point_sampling import (
     calculate_uncertainty,
     get_uncertain_point_coords_with_randomness,
     point_sample,
@@ -55,8 +52,6 @@ __all__ = [
     "DenseMaskBCELoss",
     "DenseMaskDiceLoss",
     "BoxLoss",
-    "RankLoss",
-    "ProposalLoss",
 ]
 
 Indices = Sequence[tuple[Tensor, Tensor]]
@@ -369,65 +364,3 @@ class BoxLoss(LossTerm):
         loss_bbox = l1_box_loss(torch.cat(src_n), torch.cat(tgt_n), avg_factor=num_targets)
         loss_giou = giou_loss(src, torch.cat(tgt), avg_factor=num_targets)
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
-
-
-@register_loss_term("rank")
-class RankLoss(LossTerm):
-    """``loss_rank`` (K-Net panoptic): per-pixel softmax CE over ALL kernels' masks; a pixel's
-    target is the kernel whose matched (resized) GT mask is > 0 there, others ignored; mean over
-    all pixels (mmdet 2.x) unless ``avg_non_ignore``."""
-
-    keys = ("loss_rank",)
-    required_keys = ("pred_masks",)
-
-    def __init__(self, num_classes: int, ignore_index: int = 255, avg_non_ignore: bool = False):
-        super().__init__(num_classes)
-        self.ignore_index, self.avg_non_ignore = ignore_index, avg_non_ignore
-
-    def __call__(self, outputs, targets, indices, num_targets):
-        masks = outputs["pred_masks"]
-        size = tuple(masks.shape[-2:])
-        rank_targets = []
-        for t, (src, tgt) in zip(targets, indices):
-            per_kernel = torch.zeros((masks.shape[1], *size), device=masks.device)
-            resized = resize_masks(t["masks"][tgt.to(t["masks"].device)], size)
-            per_kernel[src.to(masks.device)] = resized.to(masks.device)
-            rank_targets.append(knet_rank_targets(per_kernel, self.ignore_index))
-        loss = rank_loss(
-            masks.float(),
-            torch.stack(rank_targets),
-            ignore_index=self.ignore_index,
-            avg_non_ignore=self.avg_non_ignore,
-        )
-        return {"loss_rank": loss}
-
-
-@register_loss_term("proposals")
-class ProposalLoss(LossTerm):
-    """FastInst ``loss_proposal``: softmax CE over C+1 at every pixel of
-    ``proposal_cls_logits`` [B, C+1, H, W]; pixels matched to a GT by the dense proposal matcher
-    (class 2 + location 1000, see :func:`common.matcher.proposal_match_outputs`) get its class,
-    all others background (C); plain mean, no class weights. Ignores the criterion's
-    ``indices`` (the proposal matching is its own)."""
-
-    keys = ("loss_proposal",)
-    required_keys = ("proposal_cls_logits",)
-
-    def __init__(
-        self, num_classes: int, class_weight: float = 2.0, location_weight: float = 1000.0
-    ):
-        super().__init__(num_classes)
-        self.matcher = HungarianMatcher(
-            [("softmax_class", class_weight), ("proposal_location", location_weight)]
-        )
-
-    def __call__(self, outputs, targets, indices, num_targets):
-        logits = outputs["proposal_cls_logits"]
-        proposal_indices = self.matcher(proposal_match_outputs(logits), targets)
-        flat = logits.flatten(2).transpose(1, 2).float()  # [B, HW, C+1]
-        classes = torch.full(flat.shape[:2], self.num_classes, dtype=torch.int64)
-        classes = classes.to(logits.device)
-        b_idx, q_idx = src_permutation_idx(proposal_indices, logits.device)
-        labels = matched_labels(targets, proposal_indices, logits.device)
-        classes[b_idx, q_idx] = labels
-        return {"loss_proposal": softmax_ce_loss(flat, classes, ignore_index=-1)}

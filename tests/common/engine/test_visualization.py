@@ -1,4 +1,4 @@
-"""common.visualization: overlays for the three output formats, the labelled grid, and the
+"""common.engine.visualization: overlays for the three output formats, the labelled grid, and the
 training-time VisualizationHook (EventStorage images, written to TensorBoard by a real Trainer)."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from common.engine import Trainer, get_cfg, merge_config
-from common.visualization import (
+from common.engine.visualization import (
     VisualizationHook,
     choose_task,
     draw_predictions,
     labelled_grid,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 MASK_RCNN = os.path.join(REPO, "common/configs/baselines/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml")
 H, W = 48, 64
 

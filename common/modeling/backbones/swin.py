@@ -31,8 +31,8 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from common.checkpoint import convert_state_dict
-from common.convert_rules import strip_wrappers, swin_layout, swin_rules
+from common.convert.core import convert_state_dict
+from common.convert.rules import strip_wrappers, swin_layout, swin_rules
 
 __all__ = ["SwinBackbone", "build_swin_backbone", "build_swin_fpn_backbone", "convert_swin_weights"]
 
@@ -217,7 +217,8 @@ class SwinBackbone(Backbone):
 
 @BACKBONE_REGISTRY.register()
 def build_swin_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> SwinBackbone:
-    """``MODEL.BACKBONE.NAME: build_swin_backbone``: reads ``MODEL.SWIN.*`` (common.ops.config)."""
+    """``MODEL.BACKBONE.NAME: build_swin_backbone``: reads ``MODEL.SWIN.*``
+    (common.engine.model_defaults)."""
     s = cfg.MODEL.SWIN
     return SwinBackbone(
         embed_dim=s.EMBED_DIM,
@@ -259,7 +260,7 @@ def convert_swin_weights(state_dict: Mapping[str, object]) -> dict[str, object]:
     (``relative_position_index``, ``attn_mask``), the classifier (``head.*``) and its final
     ``norm.*`` are dropped; detection ``norm0..norm3`` are kept. A ``model``/``state_dict``
     wrapper and a ``module.``/``backbone.`` prefix are removed. The rules are
-    ``common.convert_rules.swin_rules`` (also used by ``tools/convert_backbone.py``).
+    ``common.convert.rules.swin_rules`` (also used by ``tools/convert_backbone.py``).
 
     Args:
         state_dict: {name: tensor} (``patch_embed.proj.weight``, ``layers.0.blocks.0...``).

@@ -2,11 +2,11 @@
 aux/stage loop -> weights.
 
 Follows DETR/Mask2Former's ``SetCriterion``. Differences: loss terms come from a registry
-(:mod:`common.loss_terms`); the criterion applies the weights itself and a loss key without a
-weight is an error (Mask2Former silently drops it); stage-wise keys and weights (K-Net/QueryInst
+(:mod:`common.modeling.loss_terms`); the criterion applies the weights itself and a loss key without
+a weight is an error (Mask2Former silently drops it); stage-wise keys and weights (K-Net/QueryInst
 ``stage_loss_weights``); fixed matchings (``pred_matching_indices``, FastInst's GT-mask-guided
-outputs); matching on other predictions than the ones the loss is applied to (K-Net matches
-stage t on stage t-1).
+outputs); matching on other predictions than the ones the loss is applied to (K-Net matches stage t
+on stage t-1).
 """
 
 import re
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from common.loss_terms import LOSS_TERMS, LossTerm, build_loss_term, register_loss_term
+from common.modeling.loss_terms import LOSS_TERMS, LossTerm, build_loss_term, register_loss_term
 
 __all__ = [
     "SetCriterion",
@@ -60,13 +60,13 @@ class SetCriterion(nn.Module):
 
     Args:
         matcher: callable ``(outputs, targets) -> indices`` (a
-            :class:`~common.matcher.HungarianMatcher`).
+            :class:`~common.modeling.matcher.HungarianMatcher`).
         num_classes: C, the number of foreground classes (the no-object class of softmax heads
             is C).
-        losses: loss terms: registered names (:data:`common.loss_terms.LOSS_TERMS`, built with
-            ``num_classes`` and ``loss_kwargs[name]``), ``(name, kwargs)``, :class:`LossTerm`
-            instances, or any callable ``(outputs, targets, indices, num_targets) -> dict``
-            (its keys are checked when it first returns them).
+        losses: loss terms: registered names (:data:`common.modeling.loss_terms.LOSS_TERMS`, built
+            with ``num_classes`` and ``loss_kwargs[name]``), ``(name, kwargs)``, :class:`LossTerm`
+            instances, or any callable ``(outputs, targets, indices, num_targets) -> dict`` (its
+            keys are checked when it first returns them).
         weight_dict: ``{unsuffixed key: weight}`` for every key the terms produce, e.g.
             ``{"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}``. Suffixed keys
             (``loss_ce_3``, ``loss_ce_s1``) override the weight of one output. Missing weights

@@ -22,9 +22,8 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import Tensor, nn
 
-from common.position_encoding import sine_position_encoding
-
-from .ms_deform_attn import MSDeformAttn
+from common.modeling.position_encoding import sine_position_encoding
+from common.ops.ms_deform_attn import MSDeformAttn
 
 __all__ = [
     "PositionEmbeddingSine",
@@ -36,7 +35,7 @@ __all__ = [
 
 class PositionEmbeddingSine(nn.Module):
     """DETR's normalised sine position encoding as a module:
-    (N, C, H, W) -> (N, 2 * num_pos_feats, H, W) (see ``common.position_encoding``)."""
+    (N, C, H, W) -> (N, 2 * num_pos_feats, H, W) (see ``common.modeling.position_encoding``)."""
 
     def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Pluggable matching cost terms for :class:`common.matcher.HungarianMatcher`.
+"""Pluggable matching cost terms for :class:`common.modeling.matcher.HungarianMatcher`.
 
 A cost term maps one image's detached fp32 predictions and its targets to a [Q, G] cost matrix
 (lower = better match). Terms are registered by name in :data:`COST_TERMS` so configs can name
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from common.losses import normalize_boxes, pairwise_generalized_box_iou
-from common.point_sampling import sample_channels_at_points, uniform_point_coords
+from common.modeling.losses import normalize_boxes, pairwise_generalized_box_iou
+from common.modeling.point_sampling import sample_channels_at_points, uniform_point_coords
 
 __all__ = [
     "COST_TERMS",
@@ -39,8 +39,6 @@ __all__ = [
     "PointDiceCost",
     "BoxL1Cost",
     "GIoUCost",
-    "LocationCost",
-    "ProposalLocationCost",
     "resize_masks",
 ]
 
@@ -300,34 +298,3 @@ class GIoUCost(CostTerm):
     def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
         boxes = pred["pred_boxes"]
         return -pairwise_generalized_box_iou(boxes, target["boxes"].to(boxes), eps=self.eps)
-
-
-@register_cost_term("location")
-class LocationCost(CostTerm):
-    """FastInst location cost: -1 where the GT mask, bilinearly point-sampled at the query's
-    normalised (x, y) selection location (``pred_locations``), is > 0; else 0 (weight 1000)."""
-
-    required_keys = ("pred_locations",)
-
-    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
-        loc = pred["pred_locations"]
-        masks = target["masks"].to(loc.device, torch.float32)
-        inside = sample_channels_at_points(masks, loc) > 0  # [G, Q]
-        return -inside.T.to(loc.dtype)
-
-
-@register_cost_term("proposal_location")
-class ProposalLocationCost(CostTerm):
-    """FastInst proposal-map location cost: rows are the H*W pixels of a proposal map
-    (``pred["proposal_size"] = (H, W)``, row-major); -1 where the GT mask adaptive-avg-pooled to
-    H x W is > 0. Build the prediction dict with :func:`common.matcher.proposal_match_outputs`."""
-
-    required_keys = ("proposal_size",)
-
-    def __call__(self, pred: dict[str, Any], target: dict[str, Any], cache: dict) -> Tensor:
-        size = tuple(int(s) for s in pred["proposal_size"])
-        masks = target["masks"].float()
-        if masks.shape[0] == 0:
-            return masks.new_zeros((size[0] * size[1], 0))
-        pooled = F.adaptive_avg_pool2d(masks[None], size)[0]
-        return -(pooled.flatten(1) > 0).T.float()

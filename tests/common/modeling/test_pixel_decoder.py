@@ -9,9 +9,9 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-import common.ops  # noqa: F401  (registers the decoder)
-from common.ops.config import add_ops_config
-from common.ops.pixel_decoder import QSMSDeformAttnPixelDecoder
+import common.modeling  # noqa: F401  (registers the backbones and pixel decoder)
+from common.engine.model_defaults import add_model_config
+from common.modeling.pixel_decoder import QSMSDeformAttnPixelDecoder
 
 INPUT_SHAPE = {
     "res2": ShapeSpec(channels=16, stride=4),
@@ -23,7 +23,7 @@ INPUT_SHAPE = {
 
 def make_cfg(**overrides):
     cfg = get_cfg()
-    add_ops_config(cfg)
+    add_model_config(cfg)
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 64
     cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 40

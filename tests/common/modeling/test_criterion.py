@@ -1,4 +1,5 @@
-"""Tests of common.criterion.SetCriterion and common.loss_terms: keys for aux/stage outputs,
+"""Tests of common.modeling.criterion.SetCriterion and common.modeling.loss_terms: keys for
+aux/stage outputs,
 finite values, gradients to every prediction, fixed matchings, match hooks, weight checks,
 and the normaliser with 1 vs 2 processes (gloo on CPU)."""
 
@@ -11,11 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-from common.criterion import SetCriterion, reduce_normalizer
-from common.loss_terms import LossTerm, register_loss_term, sample_matched_target_masks
-from common.losses import point_sampled_mask_losses
-from common.matcher import HungarianMatcher
-from common.point_sampling import point_sample
+from common.modeling.criterion import SetCriterion, reduce_normalizer
+from common.modeling.loss_terms import LossTerm, register_loss_term, sample_matched_target_masks
+from common.modeling.losses import point_sampled_mask_losses
+from common.modeling.matcher import HungarianMatcher
+from common.modeling.point_sampling import point_sample
 
 
 @pytest.fixture(autouse=True)

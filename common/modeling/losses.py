@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from common.point_sampling import (
+from common.modeling.point_sampling import (
     calculate_uncertainty,
     get_uncertain_point_coords_with_randomness,
     point_sample,
@@ -38,8 +38,6 @@ __all__ = [
     "generalized_box_iou",
     "pairwise_generalized_box_iou",
     "normalize_boxes",
-    "knet_rank_targets",
-    "rank_loss",
     "lovasz_grad",
     "lovasz_hinge",
 ]
@@ -247,7 +245,7 @@ def point_sampled_mask_losses(
     """Mask2Former/FastInst mask losses on PointRend importance-sampled points.
 
     Per mask, ``num_points`` points are chosen on the detached logits by
-    :func:`~common.point_sampling.get_uncertain_point_coords_with_randomness`
+    :func:`~common.modeling.point_sampling.get_uncertain_point_coords_with_randomness`
     (``-|logit|`` uncertainty); prediction and target are bilinearly sampled there
     (``align_corners=False``; the target may have any resolution). Returns the BCE
     (mean over points) and the plain dice (+``dice_eps`` smoothing), each summed over masks and
@@ -390,65 +388,6 @@ def normalize_boxes(boxes: Tensor, image_size: Union[Tensor, Sequence[int]]) -> 
         raise ValueError(f"image_size must be (h, w), got {tuple(size.shape)}")
     h, w = size[0], size[1]
     return boxes / torch.stack([w, h, w, h])
-
-
-def knet_rank_targets(mask_targets: Tensor, ignore_index: int = 255) -> Tensor:
-    """K-Net rank targets: for each pixel, the index of the kernel whose target mask covers it.
-
-    A pixel is covered by kernel j if ``mask_targets[j] > 0`` (K-Net casts its soft targets to
-    bool). Where several kernels cover a pixel the highest index wins (K-Net assigns in kernel
-    order, later ones overwrite). Uncovered pixels get ``ignore_index``.
-
-    Args:
-        mask_targets: [..., N, H, W] per-kernel targets (zeros for unmatched kernels).
-
-    Returns:
-        [..., H, W] long.
-    """
-    covered = mask_targets > 0
-    num = covered.shape[-3]
-    if num == 0:
-        shape = covered.shape[:-3] + covered.shape[-2:]
-        best = torch.zeros(shape, dtype=torch.long, device=covered.device)
-    else:
-        order = torch.arange(1, num + 1, device=covered.device).view(num, 1, 1)
-        best = (covered.long() * order).amax(dim=-3)
-    best = best - 1
-    return torch.where(best >= 0, best, torch.full_like(best, ignore_index))
-
-
-def rank_loss(
-    mask_logits: Tensor,
-    rank_targets: Tensor,
-    *,
-    ignore_index: int = 255,
-    avg_non_ignore: bool = False,
-    reduction: str = "mean",
-    avg_factor: AvgFactor = None,
-) -> Tensor:
-    """K-Net rank loss: softmax cross-entropy over the kernel dimension at every pixel.
-
-    With ``reduction="mean"`` and no ``avg_factor`` the sum over covered pixels is divided by
-    the number of ALL pixels (mmdet 2.x CrossEntropyLoss with ``ignore_index``, as K-Net uses
-    it), or by the number of non-ignored pixels if ``avg_non_ignore``.
-
-    Args:
-        mask_logits: [B, N, H, W] mask logits of all kernels.
-        rank_targets: [B, H, W] long from :func:`knet_rank_targets`.
-
-    Returns:
-        [B, H, W] for "none", else a 0-d tensor.
-    """
-    logits = mask_logits.permute(0, 2, 3, 1)
-    if reduction == "mean" and avg_factor is None and not avg_non_ignore:
-        avg_factor = max(rank_targets.numel(), 1)
-    return softmax_ce_loss(
-        logits,
-        rank_targets,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        avg_factor=avg_factor,
-    )
 
 
 def lovasz_grad(gt_sorted: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Key-renaming rules shared by the checkpoint converters (``tools/convert_*.py``).
 
-Every function returns :class:`common.checkpoint.Rule` lists for
-:func:`common.checkpoint.convert_state_dict`; ``src``/``dst`` are key prefixes (``"backbone."``,
+Every function returns :class:`common.convert.core.Rule` lists for
+:func:`common.convert.core.convert_state_dict`; ``src``/``dst`` are key prefixes (``"backbone."``,
 ``"backbone.bottom_up."``), so one rule set serves an ImageNet file (no prefix) and a detector
 checkpoint (mmdet ``backbone.``) alike.
 
@@ -13,10 +13,10 @@ checkpoint (mmdet ``backbone.``) alike.
   ``backbone.fpn_{lateral,output}{i+2}``.
 - :func:`swin_rules`: official Swin (``layers.i.downsample`` at the *end* of stage i), timm
   Swin (at the start of stage i + 1) or mmcv Swin (mmdet/mmseg ``stages.i.blocks.j.attn.w_msa``,
-  patch merging in ``nn.Unfold`` channel order) -> ``common.ops.backbones.swin.SwinBackbone``;
+  patch merging in ``nn.Unfold`` channel order) -> ``common.modeling.backbones.swin.SwinBackbone``;
   :func:`swin_layout` tells them apart.
 - :data:`MMDET_COCO_CLASSES`: mmdet's ``CocoDataset`` class order, for
-  :func:`common.checkpoint.class_permutation` against Detectron2's ``builtin_meta`` names.
+  :func:`common.convert.core.class_permutation` against Detectron2's ``builtin_meta`` names.
 - :func:`drop_unused_batch_counters`, :func:`initial_values`: reconcile a converted dict with the
   model it is for (BatchNorm counters a FrozenBN model has no slot for; parameters that an
   ImageNet classifier cannot provide and whose initial value the official code fixes).
@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from common.checkpoint import Rule
+from common.convert.core import Rule
 
 __all__ = [
     "MMDET_COCO_CLASSES",

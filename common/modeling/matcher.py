@@ -2,7 +2,7 @@
 
 Follows DETR's ``HungarianMatcher`` (per-image scipy ``linear_sum_assignment`` on a weighted cost)
 and mmdet's ``HungarianAssigner``/K-Net's ``MaskHungarianAssigner`` (topk = 1). Differences: cost
-terms come from a registry (:mod:`common.costs`) so one class covers K-Net, QueryInst and
+terms come from a registry (:mod:`common.modeling.costs`) so one class covers K-Net, QueryInst and
 FastInst; the cost is computed in fp32 with autocast off; a non-finite cost raises
 ``FloatingPointError`` (naming the terms and the image) instead of producing a silent wrong
 assignment (FastInst issue #17).
@@ -15,12 +15,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from common.costs import COST_TERMS, CostTerm, build_cost_term, register_cost_term
+from common.modeling.costs import COST_TERMS, CostTerm, build_cost_term, register_cost_term
 
 __all__ = [
     "HungarianMatcher",
     "slice_image_outputs",
-    "proposal_match_outputs",
     "COST_TERMS",
     "CostTerm",
     "build_cost_term",
@@ -58,31 +57,12 @@ def slice_image_outputs(outputs: Mapping[str, Any], index: int, batch_size: int)
     return out
 
 
-def proposal_match_outputs(proposal_cls_logits: Tensor) -> dict[str, Any]:
-    """Prediction dict for FastInst's dense proposal matching (rows = all pixels of the map).
-
-    Use with ``HungarianMatcher([("softmax_class", 2.0), ("proposal_location", 1000.0)])``.
-
-    Args:
-        proposal_cls_logits: [B, K, H, W] proposal class logits (K = C + 1).
-
-    Returns:
-        ``{"pred_logits": [B, H*W, K] (row-major pixels), "proposal_size": (H, W)}``; the matched
-        row index r is pixel (r // W, r % W).
-    """
-    b, k, h, w = proposal_cls_logits.shape
-    return {
-        "pred_logits": proposal_cls_logits.flatten(2).transpose(1, 2),
-        "proposal_size": (h, w),
-    }
-
-
 class HungarianMatcher(nn.Module):
     """Bipartite matching of Q predictions to G targets per image with a weighted sum of costs.
 
     Args:
         cost_terms: sequence of ``(term, weight)`` or ``(name, weight, kwargs)``; ``term`` is a
-            registered name (see :data:`common.costs.COST_TERMS`) or a :class:`CostTerm`.
+            registered name (see :data:`common.modeling.costs.COST_TERMS`) or a :class:`CostTerm`.
             Terms with weight 0 are skipped. Examples (from the specs):
 
             - K-Net stages: ``[("focal_class", 2.0), ("dice_sq", 4.0), ("mask_agreement", 1.0)]``

@@ -1,4 +1,5 @@
-"""Tests of common.matcher / common.costs: every cost term against a per-pair reference,
+"""Tests of common.modeling.matcher / common.modeling.costs: every cost term against a per-pair
+reference,
 the assignment against brute-force enumeration, batch-vs-single invariance, empty targets,
 Q < G, fp32 under autocast and the NaN guard."""
 
@@ -8,11 +9,12 @@ import math
 import pytest
 import torch
 import torchvision
+from fastinst.losses import proposal_match_outputs  # registers `location`, `proposal_location`
 from torch.nn import functional as F
 
-from common import losses as L
-from common.costs import CostTerm, register_cost_term
-from common.matcher import HungarianMatcher, proposal_match_outputs
+from common.modeling import losses as L
+from common.modeling.costs import CostTerm, register_cost_term
+from common.modeling.matcher import HungarianMatcher
 
 
 @pytest.fixture(autouse=True)

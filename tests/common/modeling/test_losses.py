@@ -1,4 +1,5 @@
-"""Tests of common.losses and common.point_sampling: hand-computed values, references,
+"""Tests of common.modeling.losses and common.modeling.point_sampling: hand-computed values,
+references,
 gradients (float64 gradcheck) and empty inputs."""
 
 import math
@@ -8,8 +9,8 @@ import torch
 import torchvision
 from torch.nn import functional as F
 
-from common import losses as L
-from common import point_sampling as PS
+from common.modeling import losses as L
+from common.modeling import point_sampling as PS
 
 
 @pytest.fixture(autouse=True)
@@ -256,31 +257,6 @@ def test_l1_and_giou_boxes():
     for fn in (L.l1_box_loss, L.giou_loss):
         loss = fn(empty, torch.zeros(0, 4), avg_factor=1.0)
         assert loss.item() == 0 and loss.grad_fn is not None
-
-
-# ---------------------------------------------------------------- K-Net rank loss
-
-
-def test_knet_rank_targets_and_loss():
-    masks = torch.zeros(3, 2, 2)
-    masks[0, 0, :] = 1.0
-    masks[2, 0, 0] = 0.3  # overlaps kernel 0 at (0, 0): the later kernel wins
-    masks[1, 1, 1] = 1.0
-    tgt = L.knet_rank_targets(masks, ignore_index=255)
-    assert tgt.tolist() == [[2, 0], [255, 1]]
-    logits = _rand(1, 3, 2, 2, seed=12).requires_grad_()
-    loss = L.rank_loss(logits, tgt[None])
-    logp = logits.log_softmax(1)[0]
-    manual = -(logp[2, 0, 0] + logp[0, 0, 1] + logp[1, 1, 1]) / 4  # mean over ALL pixels
-    assert torch.allclose(loss, manual)
-    assert torch.allclose(L.rank_loss(logits, tgt[None], avg_non_ignore=True), manual * 4 / 3)
-    assert torch.autograd.gradcheck(lambda x: L.rank_loss(x, tgt[None]), (logits,))
-    none = L.knet_rank_targets(torch.zeros(0, 2, 2))
-    assert (none == 255).all() and none.shape == (2, 2)
-    all_ignored = L.rank_loss(
-        torch.zeros(1, 2, 2, 2, requires_grad=True), torch.full((1, 2, 2), 255)
-    )
-    assert all_ignored.item() == 0.0 and all_ignored.grad_fn is not None
 
 
 # ---------------------------------------------------------------- Lovász hinge

@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.checkpoint import (
+from common.convert.core import (
     CheckpointError,
     ConversionReport,
-    QSCheckpointer,
     Rule,
     check_against_model,
     class_permutation,
@@ -21,8 +20,9 @@ from common.checkpoint import (
     permute_rows,
     save_converted,
 )
+from common.engine.checkpoint import QSCheckpointer
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
 class Evil:

@@ -6,7 +6,7 @@ built-in ``shapes`` dataset). Project packages add only their own ``MODEL.<P>.*`
 
 from detectron2.config import CfgNode as CN
 
-from common.ops.config import add_ops_config
+from common.engine.model_defaults import add_model_config
 
 
 def add_common_config(cfg: CN) -> None:
@@ -14,9 +14,9 @@ def add_common_config(cfg: CN) -> None:
     if hasattr(cfg, "QUERYSEG_COMMON"):
         return
     cfg.QUERYSEG_COMMON = True  # marker: common keys present
-    add_ops_config(cfg)  # backbone variants (ResNet-vd/D8, Swin) and the MSDeformAttn decoder
+    add_model_config(cfg)  # backbone variants (ResNet-vd/D8, Swin) and the MSDeformAttn decoder
 
-    # ---- checkpoints (common.checkpoint.QSCheckpointer) ----------------------------------------
+    # ---- checkpoints (common.engine.checkpoint.QSCheckpointer) ----------------------------
     # Refuse MODEL.WEIGHTS that do not fit the model (another meta-architecture, missing or
     # unexpected keys, wrong shapes) instead of loading what fits. False: Detectron2's behaviour
     # (warn and continue), e.g. to fine-tune a checkpoint with another number of classes.

@@ -34,8 +34,8 @@ from detectron2.modeling.backbone.resnet import (
 )
 from torch import Tensor
 
-from common.checkpoint import convert_state_dict
-from common.convert_rules import resnet_layout, resnet_rules, strip_wrappers
+from common.convert.core import convert_state_dict
+from common.convert.rules import resnet_layout, resnet_rules, strip_wrappers
 
 __all__ = [
     "DeepStem",
@@ -179,7 +179,7 @@ def build_resnet_vd_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResNetVd:
 
     Detectron2's keys (DEPTH, NORM, STEM_OUT_CHANNELS, RES2_OUT_CHANNELS, NUM_GROUPS,
     WIDTH_PER_GROUP, STRIDE_IN_1X1, RES5_DILATION, DEFORM_*, OUT_FEATURES, BACKBONE.FREEZE_AT)
-    plus ``common.ops.config``'s DEEP_STEM, AVG_DOWN, RES4_DILATION, CONTRACT_DILATION.
+    plus ``common.engine.model_defaults``'s DEEP_STEM, AVG_DOWN, RES4_DILATION, CONTRACT_DILATION.
     """
     r = cfg.MODEL.RESNETS
     return make_resnet_vd(
@@ -211,7 +211,7 @@ def convert_resnet_weights(state_dict: Mapping[str, object]) -> dict[str, object
     ``downsample.{1,2}``) -> ``shortcut``/``shortcut.norm``, and DCN offsets
     (``conv2_offset`` or mmcv's ``conv2.conv_offset``) -> ``conv2_offset``. Drops ``fc.*``.
     A leading ``module.``, ``backbone.`` or ``state_dict``/``model`` wrapper is removed. The
-    rules are ``common.convert_rules.resnet_rules`` (also used by ``tools/convert_backbone.py``).
+    rules are ``common.convert.rules.resnet_rules`` (also used by ``tools/convert_backbone.py``).
 
     Args:
         state_dict: {name: tensor}, possibly wrapped as {"state_dict": ...} or {"model": ...}.

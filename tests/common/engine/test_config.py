@@ -8,7 +8,7 @@ import yaml
 
 from common.engine import get_cfg, load_yaml_with_bases, merge_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 ALL_YAMLS = sorted(
     glob.glob(os.path.join(REPO, "common", "configs", "**", "*.yaml"), recursive=True)
     + glob.glob(os.path.join(REPO, "projects", "*", "configs", "**", "*.yaml"), recursive=True)

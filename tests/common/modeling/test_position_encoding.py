@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from common.position_encoding import sine_position_encoding
+from common.modeling.position_encoding import sine_position_encoding
 
 
 def test_matches_formula():

@@ -1,16 +1,16 @@
-"""Config keys of QuerySeg's ops: backbone variants, Swin, and the MSDeformAttn pixel decoder.
+"""Config keys of the shared modeling parts: backbone variants, Swin, MSDeformAttn pixel decoder.
 
-``add_ops_config`` is called from ``common.config.add_common_config``; it only adds keys that
-Detectron2's defaults do not have, and never changes Detectron2's own defaults.
+``add_model_config`` is called from ``common.engine.defaults.add_common_config``; it only adds keys
+that Detectron2's defaults do not have, and never changes Detectron2's own defaults.
 """
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_ops_config"]
+__all__ = ["add_model_config"]
 
 
-def add_ops_config(cfg: CN) -> None:
-    """Add the ops keys to a Detectron2 config, in place. Safe to call twice (no-op)."""
+def add_model_config(cfg: CN) -> None:
+    """Add the shared modeling keys to a Detectron2 config, in place. Safe to call twice (no-op)."""
     if "MSDA_PIXEL_DECODER" in cfg.MODEL:
         return
     # ---- ResNet variants (build_resnet_vd_backbone) --------------------------------------

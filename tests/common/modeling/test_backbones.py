@@ -12,21 +12,21 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
-import common.ops  # noqa: F401  (registers the backbones)
-from common.ops.backbones.resnet_vd import (
+import common.modeling  # noqa: F401  (registers the backbones and pixel decoder)
+from common.engine.model_defaults import add_model_config
+from common.modeling.backbones.resnet_vd import (
     AvgDownConv2d,
     DeepStem,
     ResNetVd,
     convert_resnet_weights,
     make_resnet_vd,
 )
-from common.ops.backbones.swin import (
+from common.modeling.backbones.swin import (
     SwinBackbone,
     _shift_mask,
     _swin_block,
     convert_swin_weights,
 )
-from common.ops.config import add_ops_config
 from common.ops.deform_conv import DeformConv
 
 R50_CHANNELS = {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
@@ -108,7 +108,7 @@ def build_from_yaml(text: str, tmp_path, opts=()):
     path = tmp_path / "backbone.yaml"
     path.write_text(text)
     cfg = get_cfg()
-    add_ops_config(cfg)
+    add_model_config(cfg)
     cfg.merge_from_file(str(path))
     cfg.merge_from_list(list(opts))
     return build_backbone(cfg, ShapeSpec(channels=3))

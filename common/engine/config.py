@@ -1,0 +1,118 @@
+"""Building a config: Detectron2's defaults, QuerySeg's shared keys and every project's keys.
+
+- :func:`get_cfg` returns Detectron2's config with the common keys
+  (:func:`common.engine.defaults.add_common_config`) and the keys of every installed project
+  (:func:`common.engine.projects.load_projects`).
+- :func:`merge_config` merges a YAML and ``KEY VALUE`` overrides, turning a misspelt key into an
+  error that names the file and suggests the closest existing key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from typing import Any
+
+import torch
+import yaml
+from detectron2.config import CfgNode
+from detectron2.config import get_cfg as _d2_get_cfg
+
+from common.engine.defaults import add_common_config
+from common.engine.projects import load_projects
+
+logger = logging.getLogger(__name__)
+
+
+def get_cfg() -> CfgNode:
+    """Detectron2's default config plus QuerySeg's common keys and every project's keys."""
+    cfg = _d2_get_cfg()
+    add_common_config(cfg)
+    for project in load_projects():
+        project.add_config(cfg)
+    return cfg
+
+
+def _all_keys(cfg: CfgNode, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, CfgNode):
+            keys.extend(_all_keys(v, full + "."))
+    return keys
+
+
+def _explain_key_error(cfg: CfgNode, err: Exception, source: str) -> KeyError:
+    msg = str(err.args[0]) if err.args else str(err)
+    if "Non-existent" not in msg:
+        return err if isinstance(err, KeyError) else KeyError(f"{source}: {msg}")
+    bad = msg.split(":")[-1].strip().strip("'\"")
+    close = difflib.get_close_matches(bad, _all_keys(cfg), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return KeyError(f"{source}: unknown config key {bad}{hint}")
+
+
+def _deep_update(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def load_yaml_with_bases(path: str) -> dict[str, Any]:
+    """Load a YAML config and its ``_BASE_`` chain into one plain dict.
+
+    ``_BASE_`` may be one path or a list of paths (relative to the file), merged in order, then
+    the file itself on top. A list lets a leaf combine a method base with a dataset overlay,
+    e.g. ``_BASE_: [../Base-KNet.yaml, ../../../../common/configs/Shapes-Instance.yaml]``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping, got {type(raw).__name__}")
+    bases = raw.pop("_BASE_", None)
+    if bases is None:
+        return raw
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        base = os.path.expanduser(base)
+        if not os.path.isabs(base):
+            base = os.path.join(os.path.dirname(path), base)
+        _deep_update(merged, load_yaml_with_bases(base))
+    return _deep_update(merged, raw)
+
+
+def merge_config(cfg: CfgNode, config_file: str | None, opts: list[str] | None) -> CfgNode:
+    """Merge ``config_file`` (with its ``_BASE_`` chain) then ``opts`` into ``cfg``, with errors
+    that name the file and the bad key."""
+    if config_file:
+        loaded = load_yaml_with_bases(config_file)
+        version = loaded.get("VERSION", cfg.VERSION)
+        if version != cfg.VERSION:
+            raise ValueError(f"{config_file}: VERSION {version} != {cfg.VERSION}")
+        try:
+            cfg.merge_from_other_cfg(CfgNode(loaded))
+        except KeyError as e:
+            raise _explain_key_error(cfg, e, config_file) from None
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f"overrides must be KEY VALUE pairs, got an odd list: {opts}")
+        try:
+            cfg.merge_from_list(list(opts))
+        except (KeyError, AssertionError) as e:
+            raise _explain_key_error(cfg, e, "command-line override") from None
+    if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
+        logger.warning("SOLVER.AMP.ENABLED is set but CUDA is absent: training in fp32 on the CPU")
+        cfg.SOLVER.AMP.ENABLED = False
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg

@@ -1,0 +1,13 @@
+"""QuerySeg's shared modeling parts.
+
+- ``matcher`` + ``costs``: one Hungarian matcher with a registry of named cost terms;
+- ``criterion`` + ``loss_terms`` + ``losses``: the set criterion, its registry of loss terms and
+  the loss functions; ``point_sampling``, ``position_encoding``: helpers;
+- ``backbones``: ResNet-vd / Swin (``BACKBONE_REGISTRY``); ``pixel_decoder``: the MSDeformAttn
+  pixel decoder (``SEM_SEG_HEADS_REGISTRY``);
+- ``meta_arch``: what every meta-architecture shares (normalise + pad, class-count check).
+
+Importing this package registers the backbones and the pixel decoder.
+"""
+
+from . import backbones, pixel_decoder  # noqa: F401  (registers builders)

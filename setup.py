@@ -1,4 +1,4 @@
-"""Install QuerySeg: ``common``, ``tools`` and one package per project under ``projects/<p>/<p>``.
+"""Install QuerySeg: ``common`` plus one package per project under ``projects/<p>/<p>``.
 
 Each project declares itself to ``common`` through the entry-point group ``queryseg.projects``
 (``setup.cfg``); nothing in ``common`` names a project.
@@ -16,8 +16,7 @@ PROJECTS = ("knet", "queryinst", "fastinst", "embedmask")
 
 
 def _packages():
-    # tools/ is a package too (``from tools import benchmark``), so no script edits sys.path
-    pkgs, dirs = find_packages(include=["common", "common.*", "tools"]), {}
+    pkgs, dirs = find_packages(include=["common", "common.*"]), {}
     for p in PROJECTS:
         root = os.path.join("projects", p)
         for sub in find_packages(root, include=[p, f"{p}.*"]):

@@ -35,15 +35,26 @@ import yaml
 
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
 
-from tools.bench_core import Measurer  # noqa: E402
-from tools.benchmark import (  # noqa: E402
-    REPO,
-    SCHEDULES,
-    Entry,
-    run_entries,
-    settings_for,
-    setup_logging,
-)
+if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
+    from .bench_core import Measurer
+    from .benchmark import (
+        REPO,
+        SCHEDULES,
+        Entry,
+        run_entries,
+        settings_for,
+        setup_logging,
+    )
+else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `tools`)
+    from bench_core import Measurer
+    from benchmark import (
+        REPO,
+        SCHEDULES,
+        Entry,
+        run_entries,
+        settings_for,
+        setup_logging,
+    )
 
 ABLATIONS_DIR = os.path.join(_TOOLS, "ablations")
 

@@ -23,15 +23,26 @@ from typing import Any
 import torch
 from detectron2.engine import HookBase
 
-from tools.bench_measure import (
-    count_gflops,
-    count_parameters,
-    extract_metrics,
-    measure_latency,
-    peak_memory_mb,
-    task_of,
-)
-from tools.bench_report import COLUMNS, fmt
+if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
+    from .bench_measure import (
+        count_gflops,
+        count_parameters,
+        extract_metrics,
+        measure_latency,
+        peak_memory_mb,
+        task_of,
+    )
+    from .bench_report import COLUMNS, fmt
+else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `tools`)
+    from bench_measure import (
+        count_gflops,
+        count_parameters,
+        extract_metrics,
+        measure_latency,
+        peak_memory_mb,
+        task_of,
+    )
+    from bench_report import COLUMNS, fmt
 
 logger = logging.getLogger("queryseg.benchmark")
 

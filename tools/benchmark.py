@@ -32,8 +32,12 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
 
-from tools.bench_core import Measurer, Progress, measure_row  # noqa: E402
-from tools.bench_report import plot_speed_accuracy, render_markdown, write_csv  # noqa: E402
+if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
+    from .bench_core import Measurer, Progress, measure_row
+    from .bench_report import plot_speed_accuracy, render_markdown, write_csv
+else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `tools`)
+    from bench_core import Measurer, Progress, measure_row
+    from bench_report import plot_speed_accuracy, render_markdown, write_csv
 
 logger = logging.getLogger("queryseg.benchmark")
 

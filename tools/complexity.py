@@ -29,7 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from detectron2.modeling import build_model  # noqa: E402
 
 from common.engine import get_cfg, merge_config, setup_queryseg  # noqa: E402
-from tools.bench_measure import FLOP_COUNTER_FALLBACK, count_gflops, count_parameters  # noqa: E402
+
+if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
+    from .bench_measure import FLOP_COUNTER_FALLBACK, count_gflops, count_parameters
+else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `tools`)
+    from bench_measure import FLOP_COUNTER_FALLBACK, count_gflops, count_parameters
 
 DEFAULT_GLOBS = (
     "projects/*/configs/*_coco*.yaml",

@@ -21,7 +21,10 @@ from collections.abc import Sequence
 
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
 
-from tools import benchmark  # noqa: E402
+if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
+    from . import benchmark
+else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `tools`)
+    import benchmark
 
 DOCS = os.path.join(benchmark.REPO, "docs", "benchmark.md")
 

@@ -11,7 +11,8 @@
     - registered names: ``train``, ``val`` (COCO instances), ``train_panoptic``,
       ``val_panoptic`` (standard panoptic + semantic labels), ``train_panoptic_separated``,
       ``val_panoptic_separated`` (Panoptic FPN), ``sem_seg_train``, ``sem_seg_val`` (ADE20K style).
-    - ``cfg_opts``: ``["DATASETS.SHAPES.IMAGE_SIZE", "64", ...]`` overrides that make
+    - ``preset``: "standard" (the default); ``shapes_tiny_hard`` is the same under "hard".
+    - ``cfg_opts``: ``["DATASETS.SHAPES.PRESET", "standard", "DATASETS.SHAPES.IMAGE_SIZE", ...]`` overrides that make
       ``configure_shapes_from_cfg`` (train_net.py) resolve to this very folder when
       DETECTRON2_DATASETS points at ``root`` (see ``shapes_tiny_env``).
 
@@ -42,13 +43,10 @@ def pytest_configure(config: pytest.Config) -> None:
 TINY_SHAPES = {"image_size": 64, "num_train": 8, "num_val": 8, "seed": 0}
 
 
-@pytest.fixture(scope="session")
-def shapes_tiny(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+def _tiny_shapes(root: str, prefix: str, preset: str) -> SimpleNamespace:
     from common.data.shapes import SPLITS, ensure_split, register_shapes
 
-    root = str(tmp_path_factory.mktemp("datasets"))
-    prefix = "shapes_tiny"
-    spec = register_shapes(root=root, prefix=prefix, **TINY_SHAPES)
+    spec = register_shapes(root=root, prefix=prefix, preset=preset, **TINY_SHAPES)
     for split in SPLITS:
         ensure_split(spec, split)
     names = {}
@@ -57,7 +55,7 @@ def shapes_tiny(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         names[f"{split}_panoptic"] = f"{prefix}_{split}_panoptic"
         names[f"{split}_panoptic_separated"] = f"{prefix}_{split}_panoptic_separated"
         names[f"sem_seg_{split}"] = f"{prefix}_sem_seg_{split}"
-    opts = []
+    opts = ["DATASETS.SHAPES.PRESET", preset]
     for key, value in TINY_SHAPES.items():
         opts += [f"DATASETS.SHAPES.{key.upper()}", str(value)]
     return SimpleNamespace(
@@ -65,17 +63,30 @@ def shapes_tiny(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         dataset_dir=spec.dataset_dir,
         spec=spec,
         prefix=prefix,
+        preset=preset,
         params=dict(TINY_SHAPES),
         cfg_opts=opts,
         **names,
     )
 
 
+@pytest.fixture(scope="session")
+def shapes_tiny(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    return _tiny_shapes(str(tmp_path_factory.mktemp("datasets")), "shapes_tiny", "standard")
+
+
+@pytest.fixture(scope="session")
+def shapes_tiny_hard(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """``shapes_tiny`` under the ``hard`` preset (names ``shapes_tiny_hard_*``)."""
+    return _tiny_shapes(str(tmp_path_factory.mktemp("datasets")), "shapes_tiny_hard", "hard")
+
+
 @pytest.fixture
 def shapes_tiny_env(shapes_tiny: SimpleNamespace, monkeypatch: pytest.MonkeyPatch):
-    from common.data.shapes import register_shapes
+    from common.data.shapes import register_presets, register_shapes
 
     default_root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
     monkeypatch.setenv("DETECTRON2_DATASETS", shapes_tiny.root)
     yield shapes_tiny
     register_shapes(root=default_root)
+    register_presets(root=default_root)

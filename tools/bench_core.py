@@ -46,6 +46,8 @@ else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `
 
 logger = logging.getLogger("queryseg.benchmark")
 
+#: the Visualizer grid: images per row and the least side of a panel in pixels
+GRID_IMAGES, GRID_PANEL = 4, 256
 # Relative cost of one step of each stage, in "batch-1 forward passes", for the ETA.
 _TRAIN_COST_PER_IMAGE = 3.0
 _FLOPS_COST = 3.0
@@ -85,11 +87,13 @@ class Measurer:
         want = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(want)
         self.memory_method = "?"
+        self.parallel = 1  # rows that trained at once (benchmark --jobs)
         self.iters: dict[str, int] = {}
         self.weight_rows: set[str] = set()
         self.train_sizes: set[str] = set()
         self.datasets: set[str] = set()
         self._latency_image: str | None = None
+        self._grid_files: list[str] | None = None  # the images of the Visualizer grid
 
     def build_cfg(self, entry: Any, output_dir: str):
         """The entry's config with its overrides, then the run-wide settings, then ``opts``."""
@@ -100,7 +104,7 @@ class Measurer:
         cfg = get_cfg()
         merge_config(cfg, entry.path, list(entry.overrides))
         forced: list[Any] = [
-            "SEED", s.seed, "DATALOADER.NUM_WORKERS", s.num_workers,
+            "SEED", s.seed, "DATASETS.SHAPES.PRESET", s.preset, "DATALOADER.NUM_WORKERS", s.num_workers,
             "INPUT.MIN_SIZE_TEST", s.input_size,
             "INPUT.MAX_SIZE_TEST", max(cfg.INPUT.MAX_SIZE_TEST, s.input_size),
             "TEST.EVAL_PERIOD", 0, "OUTPUT_DIR", output_dir, "MODEL.DEVICE", self.device.type,
@@ -168,8 +172,53 @@ class Measurer:
         tensor = torch.as_tensor(image.transpose(2, 0, 1).copy())
         return [{"image": tensor, "height": size, "width": size}]
 
-    def train(self, cfg, entry: Any, advance: Callable[[float], None]):
-        """Train (or time ``timing_iters`` iterations and load ``entry.weights``).
+    def panels(self, cfg, model: torch.nn.Module) -> tuple[list[Any], list[Any]]:
+        """Detectron2 Visualizer overlays of ``GRID_IMAGES`` fixed test images (the first with
+        at least two things, chosen at the first row, the same files for every row), drawn at
+        >= ``GRID_PANEL`` px: (predictions, ground truth), one [H,W,3] uint8 RGB array each.
+        """
+        import copy
+
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+        from detectron2.data import detection_utils as utils
+
+        from common.data.mappers import build_mapper
+        from common.engine.visualization import draw_ground_truth, draw_predictions
+
+        name = cfg.DATASETS.TEST[0]
+        dicts = DatasetCatalog.get(name)
+        if self._grid_files is None:
+            def things(d: dict) -> int:
+                return len(d.get("annotations") or
+                           [s for s in d.get("segments_info", []) if s.get("isthing")])
+            busy = [d for d in dicts if things(d) >= 2] or dicts
+            self._grid_files = [d["file_name"] for d in busy[:GRID_IMAGES]]
+        by_stem = {os.path.splitext(os.path.basename(d["file_name"]))[0]: d for d in dicts}
+        mapper = build_mapper(cfg, is_train=False)
+        meta = MetadataCatalog.get(name)
+        preds, gts = [], []
+        model.eval()
+        with torch.no_grad():
+            for f in self._grid_files:
+                d = by_stem[os.path.splitext(os.path.basename(f))[0]]
+                image = utils.read_image(d["file_name"], format="RGB")
+                scale = max(1.0, GRID_PANEL / min(image.shape[:2]))
+                inputs = mapper(copy.deepcopy(d))
+                inputs.pop("instances", None)
+                inputs.pop("sem_seg", None)
+                inputs["height"], inputs["width"] = image.shape[:2]
+                outputs = model([inputs])[0]
+                preds.append(draw_predictions(image, outputs, meta, score_threshold=0.5,
+                                              scale=scale))
+                gt = {k: v for k, v in d.items() if k != "sem_seg_file_name" or
+                      "pan_seg_file_name" not in d}  # panoptic: draw the segments once
+                gts.append(draw_ground_truth(image, gt, meta, scale=scale))
+        return preds, gts
+
+    def train(self, cfg, entry: Any, advance: Callable[[float], None],
+              checkpoint: str | None = None):
+        """Train (or time ``timing_iters`` iterations and load ``entry.weights``; or, given
+        ``checkpoint``, the row's own training done elsewhere, just load it).
 
         Returns:
             (model, median seconds per training iteration or None).
@@ -188,6 +237,12 @@ class Measurer:
 
         seed_all_rng(self.settings.seed)
         s_iter = None
+        if checkpoint is not None:
+            from common.engine.checkpoint import QSCheckpointer
+
+            model = Trainer.build_model(cfg)
+            QSCheckpointer.from_config(cfg, model).load(checkpoint)
+            return model, None
         if cfg.SOLVER.MAX_ITER > 0:
             trainer = _NoEvalTrainer(cfg)
             units = cfg.SOLVER.IMS_PER_BATCH * _TRAIN_COST_PER_IMAGE
@@ -238,7 +293,8 @@ class Measurer:
             "device": _device_name(self.device),
             "torch": torch.__version__,
             "threads": str(torch.get_num_threads()),
-            "seed": str(s.seed),
+            "seed": (f"{', '.join(map(str, s.seeds))} (one run per seed; mean ± std)"
+                     if len(s.seeds) > 1 else str(s.seed)),
             "loader": f"{s.ims_per_batch} images/batch, {s.num_workers} workers",
             "schedule": sched,
             "dataset": "; ".join(sorted(self.datasets)) or "?",
@@ -247,30 +303,96 @@ class Measurer:
             "latency": f"median of {s.repeats} runs after {s.warmup} warm-up runs",
             "gflops": "fvcore, 1 multiply-add = 1 FLOP, uncounted ops listed in log.txt",
             "memory": self.memory_method,
-            "train_s_iter": "median per-iteration time, data loading incl., first 3 excluded",
+            "train_s_iter": "median per-iteration time, data loading incl., first 3 excluded"
+            + (f"; {self.parallel} rows trained at once, {max(1, (os.cpu_count() or 1) // self.parallel)}"
+               " thread(s) each" if self.parallel > 1 else ""),
             "elapsed": f"{elapsed_s / 60:.1f} min",
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
 
 
-def measure_row(measurer: Measurer, entry: Any, bar: Any) -> dict[str, Any]:
-    """Run and measure one entry; a failure is logged and recorded in the row's ``error``."""
+def row_dir(output_dir: str, index: int, name: str, tag: str = "") -> str:
+    """``<output_dir>/rows/<index>_<name>[_<tag>]``: where one row (one seed) runs."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+    return os.path.join(output_dir, "rows", f"{index:02d}_{slug}" + (f"_{tag}" if tag else ""))
+
+
+def _train_job(settings: Any, entry: Any, out_dir: str, threads: int) -> tuple[str, float]:
+    """One row's training in a worker process (``train_parallel``): returns (checkpoint,
+    median s/iter). Logs to ``<out_dir>/log.txt``."""
+    from common.data.shapes import configure_shapes_from_cfg
+
+    torch.set_num_threads(threads)
+    os.makedirs(out_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(out_dir, "log.txt"))
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    measurer = Measurer(settings, os.path.dirname(out_dir))
+    cfg = measurer.build_cfg(entry, out_dir)
+    cfg.freeze()
+    configure_shapes_from_cfg(cfg, generate=True)
+    _, s_iter = measurer.train(cfg, entry, lambda _: None)
+    checkpoint = os.path.join(out_dir, "model_final.pth")
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"{entry.name}: training wrote no {checkpoint}")
+    return checkpoint, s_iter
+
+
+def train_parallel(
+    jobs: Sequence[tuple[Any, Any, str]], workers: int, on_done: Callable[[int], None]
+) -> dict[int, tuple[str, float] | str]:
+    """Train rows in ``workers`` processes at once (each with cores // workers threads).
+
+    Args:
+        jobs: (settings, entry, out_dir) per row and seed to train.
+        on_done: called with a job's index when it finishes.
+    Returns:
+        job index -> (checkpoint, s/iter), or an error message.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    done: dict[int, tuple[str, float] | str] = {}
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_job, s, e, d, threads): i for i, (s, e, d) in
+                   enumerate(jobs)}
+        for fut in cf.as_completed(futures):
+            i = futures[fut]
+            try:
+                done[i] = fut.result()
+            except Exception as e:  # recorded in the row, as measure_row records its errors
+                done[i] = f"{type(e).__name__}: {e}"
+                logger.error("%s: training failed: %s", jobs[i][1].name, done[i])
+            on_done(i)
+    return done
+
+
+def measure_row(
+    measurer: Measurer, entry: Any, bar: Any, tag: str = "",
+    trained: tuple[str, float] | str | None = None,
+) -> dict[str, Any]:
+    """Run and measure one entry; a failure is logged and recorded in the row's ``error``.
+    ``tag`` (e.g. the seed) is appended to the row's output folder; ``trained`` is the row's
+    (checkpoint, s/iter) from ``train_parallel`` (or its error), so it is not trained here."""
     row: dict[str, Any] = {"name": entry.name, "method": entry.method or entry.name,
                            "config": entry.config, "weights": entry.weights or ""}
     row.update({k: None for k, _ in COLUMNS[1:]})
     row["task"] = "?"
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", entry.name).strip("_")
-    out_dir = os.path.join(measurer.output_dir, "rows", f"{bar.row_index:02d}_{slug}")
+    out_dir = row_dir(measurer.output_dir, bar.row_index, entry.name, tag)
     try:
+        if isinstance(trained, str):
+            raise RuntimeError(f"training failed: {trained}")
         from common.data.shapes import configure_shapes_from_cfg
 
         cfg = measurer.build_cfg(entry, out_dir)
         cfg.freeze()
         configure_shapes_from_cfg(cfg, generate=True)
         sh = cfg.DATASETS.SHAPES
-        measurer.datasets.add(f"shapes {sh.IMAGE_SIZE} px, {sh.NUM_TRAIN} train / "
-                              f"{sh.NUM_VAL} val images")
+        measurer.datasets.add(f"shapes, preset {sh.PRESET}, {sh.IMAGE_SIZE} px, {sh.NUM_TRAIN} "
+                              f"train / {sh.NUM_VAL} val images")
         sizes = tuple(cfg.INPUT.MIN_SIZE_TRAIN)
         measurer.train_sizes.add(f"{sizes} max {cfg.INPUT.MAX_SIZE_TRAIN}")
         if entry.weights is None:
@@ -278,7 +400,11 @@ def measure_row(measurer: Measurer, entry: Any, bar: Any) -> dict[str, Any]:
         else:
             measurer.weight_rows.add(entry.name)
         bar.stage("train" if entry.weights is None else "time training + load weights")
-        model, row["train_s_iter"] = measurer.train(cfg, entry, bar.advance)
+        if trained is not None:
+            model, _ = measurer.train(cfg, entry, bar.advance, checkpoint=trained[0])
+            row["train_s_iter"] = trained[1]
+        else:
+            model, row["train_s_iter"] = measurer.train(cfg, entry, bar.advance)
         logger.info("%s: trained in %.0f s wall, %.0f s CPU", entry.name,
                     time.perf_counter() - wall0, time.process_time() - cpu0)
         bar.stage("evaluate")
@@ -292,6 +418,12 @@ def measure_row(measurer: Measurer, entry: Any, bar: Any) -> dict[str, Any]:
                 row["note"] = f"no predictions above the score threshold: {k} counted as 0"
         row.update(metrics)
         row["task"] = task_of(results)
+        if measurer.settings.grid:
+            try:
+                row["_panels"], row["_gt_panels"] = measurer.panels(cfg, model)
+            except Exception as e:  # a picture is not worth losing the row's numbers
+                logger.warning("%s: no Visualizer panels (%s: %s)", entry.name,
+                               type(e).__name__, e)
         model.eval()
         inputs = measurer.latency_inputs(cfg)
         row["params_m"] = count_parameters(model) / 1e6
@@ -329,6 +461,34 @@ def measure_row(measurer: Measurer, entry: Any, bar: Any) -> dict[str, Any]:
     logger.info("%s: %.0f s wall, %.0f s CPU (train %s s/iter)", entry.name, row["wall_s"],
                 row["cpu_s"], fmt(row["train_s_iter"], 3))
     bar.finish_row()
+    return row
+
+
+#: metric columns that are averaged over seeds
+_METRICS = ("AP", "PQ", "mIoU", "box_AP", "PQ_th", "PQ_st")
+
+
+def aggregate_seeds(runs: Sequence[dict], seeds: Sequence[int]) -> dict[str, Any]:
+    """One row from the runs of one entry under several seeds: metrics as the mean with
+    ``<metric>_std`` (sample std) and ``<metric>_runs``; costs as the median; any failed run
+    makes the row failed."""
+    row = dict(runs[0])
+    errors = [f"seed {s}: {r['error']}" for s, r in zip(seeds, runs) if r.get("error")]
+    if errors:
+        row["error"] = "; ".join(errors)
+        return row
+    for key in _METRICS:
+        values = [r.get(key) for r in runs]
+        if all(isinstance(v, (int, float)) for v in values):
+            row[key] = statistics.fmean(values)
+            row[f"{key}_std"] = statistics.stdev(values)
+            row[f"{key}_runs"] = values
+    for key in ("train_s_iter", "latency_ms", "memory_mb"):
+        values = [r.get(key) for r in runs if isinstance(r.get(key), (int, float))]
+        row[key] = statistics.median(values) if values else row.get(key)
+    row["wall_s"] = sum(r.get("wall_s") or 0.0 for r in runs)
+    row["cpu_s"] = sum(r.get("cpu_s") or 0.0 for r in runs)
+    row["seeds"] = list(seeds)
     return row
 
 

@@ -31,7 +31,13 @@ from typing import Any
 import torch
 
 #: metric column -> (evaluator result key, metric name).
-METRICS = {"AP": ("segm", "AP"), "PQ": ("panoptic_seg", "PQ"), "mIoU": ("sem_seg", "mIoU")}
+METRICS = {
+    "AP": ("segm", "AP"),
+    "box_AP": ("bbox", "AP"),
+    "PQ": ("panoptic_seg", "PQ"),
+    "PQ_th": ("panoptic_seg", "PQ_th"),
+    "mIoU": ("sem_seg", "mIoU"),
+}
 
 
 @dataclass

@@ -19,11 +19,13 @@ COLUMNS = (
     ("memory_mb", "Peak mem (MB)"),
     ("train_s_iter", "Train (s/iter)"),
     ("AP", "AP"),
+    ("box_AP", "box AP"),
     ("PQ", "PQ"),
+    ("PQ_th", "PQ things"),
     ("mIoU", "mIoU"),
 )
 _DIGITS = {"params_m": 2, "gflops": 2, "latency_ms": 1, "memory_mb": 0, "train_s_iter": 3,
-           "AP": 1, "PQ": 1, "mIoU": 1}
+           "AP": 1, "box_AP": 1, "PQ": 1, "PQ_th": 1, "mIoU": 1}
 #: the plot's y axis for each task
 PRIMARY = {"instance": "AP", "panoptic": "PQ", "semantic": "mIoU"}
 
@@ -34,6 +36,27 @@ def fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+def cell(row: dict, key: str) -> str:
+    """A row's cell: ``mean ± std`` for a metric measured over several seeds."""
+    text = fmt(row.get(key), _DIGITS.get(key, 2))
+    std = row.get(f"{key}_std")
+    return f"{text} ± {fmt(std, _DIGITS.get(key, 2))}" if isinstance(std, float) else text
+
+
+def ties(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
+    """Pairs of rows of one task whose primary metric's means differ by less than 2 std (the
+    larger of the two rows' std over seeds): (metric, row a, row b)."""
+    out = []
+    for task, metric in PRIMARY.items():
+        group = [r for r in rows if r.get("task") == task and isinstance(r.get(f"{metric}_std"),
+                                                                          float)]
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                if abs(a[metric] - b[metric]) < 2 * max(a[f"{metric}_std"], b[f"{metric}_std"]):
+                    out.append((metric, a["name"], b["name"]))
+    return out
 
 
 def render_markdown(
@@ -49,13 +72,15 @@ def render_markdown(
         f"{h['schedule']} · data {h['dataset']} · train short sides {h['train_sizes']} · "
         f"test/latency/GFLOPs input {h['input']}", "",
         f"**Latency** {h['latency']} · **GFLOPs** {h['gflops']} · **Peak mem** {h['memory']} · "
-        f"**Train s/iter** {h['train_s_iter']} · **AP** mask AP (COCO) · **PQ** COCO panoptic · "
-        "**mIoU** semantic", "",
+        f"**Train s/iter** {h['train_s_iter']} · **AP** mask AP (COCO) · **box AP** COCO · "
+        "**PQ** COCO panoptic, **PQ things** its thing classes · **mIoU** semantic", "",
         "| " + " | ".join(name for _, name in COLUMNS) + " |",
         "|" + "|".join(":---" if k in ("name", "task") else "---:" for k, _ in COLUMNS) + "|",
     ]
     for r in rows:
-        cells = [fmt(r.get(k), _DIGITS.get(k, 2)) for k, _ in COLUMNS]
+        cells = [cell(r, k) for k, _ in COLUMNS]
+        tied = [b if a == r["name"] else a for _, a, b in ties(rows) if r["name"] in (a, b)]
+        cells[0] += " ≈" if tied else ""
         if r.get("error"):
             cells[1] = "**failed**"
         lines.append("| " + " | ".join(cells) + " |")
@@ -63,6 +88,9 @@ def render_markdown(
     foot = ["n/a: the model does not produce that output."]
     foot += [f"{r['name']} failed: {r['error']}" for r in rows if r.get("error")]
     foot += [f"{r['name']}: {r['note']}" for r in rows if r.get("note")]
+    foot += [f"tie ({m}, means closer than 2 std): {a} ≈ {b}" for m, a, b in ties(rows)]
+    foot += [f"{r['name']}: {k} per seed " + ", ".join(fmt(v, 1) for v in r[f"{k}_runs"])
+             for r in rows for k in ("AP", "PQ", "mIoU") if r.get(f"{k}_runs")]
     foot += list(notes)
     foot += [f"{r['name']}: `{_relpath(r['config'])}`"
              + (f" with weights `{r['weights']}`" if r.get("weights") else "") for r in rows]
@@ -113,8 +141,9 @@ def plot_speed_accuracy(rows: Sequence[dict], path: str, *, title: str) -> None:
                and ok(r.get("latency_ms"))]
         for method in dict.fromkeys(r["method"] for r in pts):
             group = sorted((r for r in pts if r["method"] == method), key=lambda r: r["latency_ms"])
-            ax.plot([r["latency_ms"] for r in group], [r[metric] for r in group], "o-",
-                    label=method, markersize=7)
+            ax.errorbar([r["latency_ms"] for r in group], [r[metric] for r in group],
+                        yerr=[r.get(f"{metric}_std") or 0.0 for r in group], fmt="o-",
+                        label=method, markersize=7, capsize=3)
             for r in group:
                 ax.annotate(r["name"], (r["latency_ms"], r[metric]), fontsize=7,
                             textcoords="offset points", xytext=(4, 4))
@@ -130,3 +159,22 @@ def plot_speed_accuracy(rows: Sequence[dict], path: str, *, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def write_grid(rows: Sequence[dict], path: str) -> None:
+    """The Visualizer grid: one line of panels per row (``_panels`` of ``measure_row``) under a
+    ground-truth line (of the first panoptic row, else of the first row with panels)."""
+    import cv2
+
+    from common.engine.visualization import labelled_grid
+
+    drawn = [r for r in rows if r.get("_panels")]
+    gt_row = next((r for r in drawn if r.get("task") == "panoptic"), drawn[0])
+    ncols = len(gt_row["_panels"])
+    panels, labels = list(gt_row["_gt_panels"]), ["ground truth"] * ncols
+    for r in drawn:
+        panels += list(r["_panels"])[:ncols]
+        labels += [r["name"]] * len(r["_panels"][:ncols])
+    grid = labelled_grid(panels, labels, ncols=ncols, label_height=26)
+    if not cv2.imwrite(path, grid[..., ::-1]):
+        raise OSError(f"cannot write {path}")

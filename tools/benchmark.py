@@ -33,11 +33,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
 
 if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
-    from .bench_core import Measurer, Progress, measure_row
-    from .bench_report import plot_speed_accuracy, render_markdown, write_csv
+    from .bench_core import (
+        Measurer,
+        Progress,
+        aggregate_seeds,
+        measure_row,
+        row_dir,
+        train_parallel,
+    )
+    from .bench_report import plot_speed_accuracy, render_markdown, write_csv, write_grid
 else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `tools`)
-    from bench_core import Measurer, Progress, measure_row
-    from bench_report import plot_speed_accuracy, render_markdown, write_csv
+    from bench_core import (
+        Measurer,
+        Progress,
+        aggregate_seeds,
+        measure_row,
+        row_dir,
+        train_parallel,
+    )
+    from bench_report import plot_speed_accuracy, render_markdown, write_csv, write_grid
 
 logger = logging.getLogger("queryseg.benchmark")
 
@@ -127,6 +141,11 @@ class Settings:
     schedule: str = "quick"
     max_iter: int | None = None  # training iterations (STEPS/WARMUP scaled to match)
     seed: int = 42
+    seeds: tuple[int, ...] = ()  # several: every row runs once per seed, cells show mean ± std
+    preset: str = "standard"  # DATASETS.SHAPES.PRESET of every row
+    rows: tuple[str, ...] = ()  # the default entries this schedule shows (by name; () = all)
+    jobs: int = 1  # rows trained at once, in worker processes (then measured one at a time)
+    grid: bool = True  # Visualizer grid of a few test images through every row (<stem>_grid.png)
     ims_per_batch: int = 8  # BASE_LR is scaled linearly when a config's batch differs
     num_workers: int = 2
     input_size: int = 128  # test-time short side, and the HxW of the latency/GFLOPs input
@@ -257,9 +276,36 @@ def run_entries(
     rows: list[dict] = []
     start = time.perf_counter()
     header = measurer.header(0.0)
+    seeds = settings.seeds or (settings.seed,)
+
+    def tag(seed: int) -> str:
+        return f"s{seed}" if len(seeds) > 1 else ""
+
+    trained: dict[tuple[int, int], Any] = {}
+    todo = [(i, seed) for i, e in enumerate(entries) if e.weights is None for seed in seeds]
+    if settings.jobs > 1 and len(todo) > 1:
+        # train in parallel, then evaluate and time each row alone (an otherwise idle machine)
+        from common.data.shapes import configure_shapes_from_cfg
+
+        for i, seed in todo[:1]:  # generate the data once, before the workers start
+            configure_shapes_from_cfg(measurer.build_cfg(entries[i], output_dir), generate=True)
+        jobs = [(replace(settings, seed=seed), entries[i],
+                 row_dir(output_dir, i, entries[i].name, tag(seed))) for i, seed in todo]
+        costs = [measurer.cost(entries[i]) for i, _ in todo]
+        logger.info("training %d rows, %d at a time", len(jobs), settings.jobs)
+        done = train_parallel(jobs, settings.jobs,
+                              on_done=lambda k: bar.advance(costs[k][0] * 0.9 / len(seeds)))
+        trained = {todo[k]: v for k, v in done.items()}
+        measurer.parallel = settings.jobs
     for i, entry in enumerate(entries):
         bar.start_row(i, entry.name)
-        row = measure_row(measurer, entry, bar)
+        runs = []
+        for seed in seeds:
+            measurer.settings = replace(settings, seed=seed)
+            runs.append(measure_row(measurer, entry, bar, tag=tag(seed),
+                                    trained=trained.get((i, seed))))
+        measurer.settings = settings
+        row = aggregate_seeds(runs, seeds) if len(seeds) > 1 else runs[0]
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -286,6 +332,9 @@ def write_outputs(
         f.write(render_markdown(rows, header, title=title, notes=notes))
     write_csv(rows, header, paths["csv"])
     plot_speed_accuracy(rows, paths["png"], title=title)
+    if any(r.get("_panels") for r in rows):
+        paths["grid"] = os.path.join(output_dir, f"{stem}_grid.png")
+        write_grid(rows, paths["grid"])
     return paths
 
 
@@ -304,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, help="training iterations (overrides the schedule)")
     p.add_argument("--output", default=os.path.join(REPO, "output", "benchmark"))
     p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="run every row once per seed; cells show mean ± std, ties are marked")
+    p.add_argument("--preset", help="DATASETS.SHAPES.PRESET of every row (default: standard)")
+    p.add_argument("--all-rows", action="store_true",
+                   help="every default entry, also where the schedule shows fewer")
     p.add_argument("--ims-per-batch", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--input-size", type=int)
@@ -314,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int)
     p.add_argument("--timing-iters", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--jobs", type=int, help="rows trained at once (worker processes, each with "
+                   "cores/jobs threads); evaluation and timing stay one row at a time")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--title", default="QuerySeg benchmark on shapes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -371,6 +427,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         args.schedule,
         max_iter=args.max_iter,
         seed=args.seed,
+        seeds=tuple(args.seeds) if args.seeds else None,
+        preset=args.preset,
         ims_per_batch=args.ims_per_batch,
         num_workers=args.num_workers,
         input_size=args.input_size,
@@ -381,9 +439,25 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         repeats=args.repeats,
         timing_iters=args.timing_iters,
         threads=args.threads,
+        jobs=args.jobs,
         device=args.device,
         opts=tuple(args.opts or ()),
     )
+
+
+def schedule_rows(entries: Sequence[Entry], settings: Settings) -> tuple[list[Entry], list[str]]:
+    """The default entries a schedule shows (``Settings.rows``; all when empty), and a note for
+    the table naming the rows left out."""
+    if not settings.rows:
+        return list(entries), []
+    unknown = set(settings.rows) - {e.name for e in entries}
+    if unknown:
+        raise SystemExit(f"schedule {settings.schedule!r} names unknown rows {sorted(unknown)}")
+    left = [e.name for e in entries if e.name not in settings.rows]
+    shown = [e for e in entries if e.name in settings.rows]
+    note = (f"the {settings.schedule} schedule shows {len(shown)} of the {len(entries)} default "
+            f"rows (`--all-rows` for every one); not shown: {', '.join(left)}")
+    return shown, [note]
 
 
 def report_missing(entries: Sequence[Entry], missing: Sequence[Entry], discover: bool) -> None:
@@ -406,15 +480,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             state = "present" if os.path.isfile(e.path) else "MISSING"
             print(f"{state:8s} {e.name:28s} {e.config}")
         return 0
+    settings = settings_from_args(args)
+    notes = []
+    if not args.config and not args.weights and not args.all_rows:
+        entries, notes = schedule_rows(entries, settings)
     present, missing = split_present(entries)
     report_missing(entries, missing, discover=not args.config)
     if not present:
         print("error: none of the configs is present", file=sys.stderr)
         return 2
     setup_logging(args.output)
-    settings = settings_from_args(args)
     t0 = time.perf_counter()
-    notes = [f"not run: `{e.config}` (config file not present yet)" for e in missing]
+    notes += [f"not run: `{e.config}` (config file not present yet)" for e in missing]
     rows, _ = run_entries(
         present, settings, args.output, title=args.title, progress=not args.no_progress, notes=notes
     )

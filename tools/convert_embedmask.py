@@ -28,6 +28,12 @@ Source formats (spec ``fastinst_embedmask_ops.md`` B.9):
   implement: the converter refuses it, listing those modules, rather than write a model whose
   embedding heads would be random.
 
+BatchNorm eps: maskrcnn-benchmark's ``FrozenBatchNorm2d`` scales by ``weight / sqrt(running_var)``
+with no eps, Detectron2's by ``weight / sqrt(running_var + eps)`` (eps = 1e-5), so every
+``backbone.body.*.running_var`` is written as ``running_var - eps``
+(:func:`frozen_bn_to_detectron2`).
+The FCOS/embedding towers use GroupNorm (eps 1e-5 on both sides) and are copied as they are.
+
 Class order: both codebases order the 80 COCO classes by category id, as Detectron2 does, so no
 row is permuted. Nothing is written unless every key maps with the model's shape (checked against
 the model of ``--config-file``, by default read off the checkpoint's depth: R50 -> the 1x config,
@@ -115,6 +121,20 @@ ADELAIDET_ONLY = {
 }
 
 _DROPPED = (Rule(r".*\.num_batches_tracked", None),)
+
+#: eps of Detectron2's ``FrozenBatchNorm2d`` (and of ``nn.BatchNorm2d``), inside the sqrt.
+D2_BN_EPS = 1e-5
+_MRCNN_FROZEN_BN_VAR = re.compile(r"backbone\.body\..*\.running_var")
+
+
+def frozen_bn_to_detectron2(
+    state: Mapping[str, torch.Tensor], eps: float = D2_BN_EPS
+) -> dict[str, torch.Tensor]:
+    """``state`` with each maskrcnn-benchmark FrozenBatchNorm ``running_var`` (the ResNet's,
+    ``backbone.body.*``) lowered by ``eps``: maskrcnn-benchmark computes
+    ``weight * running_var.rsqrt()``, Detectron2 ``weight * (running_var + eps).rsqrt()``, so the
+    converted BatchNorms scale as the official ones do (to float rounding)."""
+    return {k: v - eps if _MRCNN_FROZEN_BN_VAR.fullmatch(k) else v for k, v in state.items()}
 
 
 def detect_format(state: Mapping[str, torch.Tensor]) -> str | None:
@@ -233,6 +253,7 @@ def convert(
                 "v1.5's scalar margin (3x3 conv on the box tower) only. Modules with no "
                 "counterpart:",
             )
+        state = frozen_bn_to_detectron2(state)
     return convert_state_dict(state, embedmask_rules(fmt))
 
 
@@ -242,6 +263,7 @@ def _config_argv(argv: list[str]) -> list[str]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("src", nargs="?")
     pre.add_argument("--config-file")
+    pre.add_argument("--format")  # takes a value: must not be read as src
     pre.add_argument("--trust", action="store_true")
     known, _ = pre.parse_known_args(argv)
     if not known.src or "-h" in argv or "--help" in argv:

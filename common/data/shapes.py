@@ -1,13 +1,15 @@
 """The built-in synthetic ``shapes`` dataset: on-disk layout, lazy generation and registration.
 
-Scenes (see ``shapes_gen``): 5 thing classes (circle, triangle, rectangle, star, ring) of random
-colour and texture, occluding each other, over 4 textured stuff classes (sky, grass, water,
-sand). Category ids are non-contiguous (things 1, 2, 4, 5, 7; stuff 10, 12, 13, 15); contiguous
+Scenes (see ``shapes_gen``): 5 thing classes (circle, triangle, rectangle, star, ring),
+occluding each other, over 4 stuff classes (sky, grass, water, sand); how hard they are is a
+named preset (``shapes_gen.PRESETS``: ``standard`` by default, ``hard`` for textured, small and
+heavily occluded shapes). Category ids are non-contiguous (things 1, 2, 4, 5, 7; stuff 10, 12, 13, 15); contiguous
 ids put things first, then stuff.
 
-Layout, under ``$DETECTRON2_DATASETS`` (default ``./datasets``), one folder per parameter set::
+Layout, under ``$DETECTRON2_DATASETS`` (default ``./datasets``), one folder per parameter set
+(preset included, so two presets never share a file)::
 
-    shapes/<S>px_s<seed>_<num_train>-<num_val>_v<version>/
+    shapes/<preset>_<S>px_s<seed>_<num_train>-<num_val>_v<version>/
       meta.json                             generation parameters and finished splits
       train/000000000001.jpg ...            images, JPEG quality 95      (COCO: train2017/)
       annotations/instances_train.json      COCO instances, polygons     (COCO)
@@ -18,7 +20,10 @@ Layout, under ``$DETECTRON2_DATASETS`` (default ``./datasets``), one folder per 
                                                                           sem. labels of panoptic)
       ... the same for ``val``
 
-Registered names (``prefix`` = "shapes"), as Detectron2 / Mask2Former register COCO and ADE20K:
+Registered names (``prefix`` = "shapes"), as Detectron2 / Mask2Former register COCO and ADE20K.
+``shapes_*`` follow ``DATASETS.SHAPES`` (``configure_shapes_from_cfg``); every preset is also
+registered under ``shapes_<preset>_*`` (e.g. ``shapes_hard_val``), and each name's metadata
+records its ``shapes_preset``:
 
 - ``shapes_{train,val}``: COCO instances (``register_coco_instances``), evaluator "coco".
 - ``shapes_{train,val}_panoptic``: standard panoptic (``register_coco_panoptic``) with
@@ -36,6 +41,7 @@ processes can ask for it at once. ``meta.json`` lists a split only once all its 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import logging
@@ -63,10 +69,11 @@ __all__ = [
     "configure_shapes_from_cfg",
     "ensure_generated",
     "ensure_split",
+    "register_presets",
     "register_shapes",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: presets (``hard`` is version 1's look, bit for bit)
 SPLITS = ("train", "val")
 
 
@@ -79,8 +86,10 @@ class ShapesSpec:
     num_train: int = 600
     num_val: int = 100
     seed: int = 0
+    preset: str = gen.DEFAULT_PRESET
 
     def __post_init__(self) -> None:
+        gen.get_preset(self.preset)  # a ValueError naming the known presets
         minimum = {"image_size": 16, "num_train": 1, "num_val": 1, "seed": 0}
         for key, low in minimum.items():
             value = getattr(self, key)
@@ -94,7 +103,7 @@ class ShapesSpec:
     def tag(self) -> str:
         """Folder name encoding every parameter, so changed parameters never reuse stale data."""
         return (
-            f"{self.image_size}px_s{self.seed}_{self.num_train}-{self.num_val}"
+            f"{self.preset}_{self.image_size}px_s{self.seed}_{self.num_train}-{self.num_val}"
             f"_v{GENERATOR_VERSION}"
         )
 
@@ -111,6 +120,7 @@ class ShapesSpec:
         """The generation parameters recorded in ``meta.json``."""
         return {
             "generator_version": GENERATOR_VERSION,
+            "preset": self.preset,
             "image_size": self.image_size,
             "seed": self.seed,
             "num_train": self.num_train,
@@ -203,13 +213,13 @@ def _generate_locked(spec: ShapesSpec, split: str, meta: dict | None) -> None:
             shutil.rmtree(os.path.join(spec.dataset_dir, name), ignore_errors=True)
     n = spec.num_images(split)
     logger.info(
-        "Generating shapes split %r: %d images of %dpx (seed %d) in %s",
-        split, n, spec.image_size, spec.seed, spec.dataset_dir,
+        "Generating shapes split %r: %d images of %dpx (preset %s, seed %d) in %s",
+        split, n, spec.image_size, spec.preset, spec.seed, spec.dataset_dir,
     )
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix=f".tmp-{split}-", dir=spec.dataset_dir)
     try:
-        summary = gen.write_split(tmp, split, n, spec.image_size, spec.seed)
+        summary = gen.write_split(tmp, split, n, spec.image_size, spec.seed, spec.preset)
         for rel in gen.split_paths(split).values():
             target = os.path.join(spec.dataset_dir, rel)
             if os.path.isdir(target):
@@ -220,7 +230,9 @@ def _generate_locked(spec: ShapesSpec, split: str, meta: dict | None) -> None:
             os.rename(os.path.join(tmp, rel), target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    meta = meta or {**spec.params(), "categories": gen.CATEGORIES, "splits": {}}
+    preset = dataclasses.asdict(gen.get_preset(spec.preset))
+    meta = meta or {**spec.params(), "preset_settings": preset, "categories": gen.CATEGORIES,
+                    "splits": {}}
     meta["splits"][split] = summary
     _write_meta(spec, meta)
     logger.info("Generated shapes split %r in %.1f s: %s", split, time.perf_counter() - start,
@@ -311,6 +323,7 @@ def register_shapes(
     num_val: int = 100,
     seed: int = 0,
     prefix: str = "shapes",
+    preset: str = gen.DEFAULT_PRESET,
 ) -> ShapesSpec:
     """Register every ``<prefix>_*`` dataset name (see the module docstring); nothing is written.
 
@@ -321,15 +334,16 @@ def register_shapes(
         root: datasets root; default ``$DETECTRON2_DATASETS`` or ``./datasets``.
         image_size: side of the square images in pixels.
         num_train, num_val: number of images per split.
-        seed: base seed; image i of a split is a function of (seed, split, i) only.
+        seed: base seed; image i of a split is a function of (seed, split, i, preset) only.
         prefix: name prefix, e.g. "shapes" -> "shapes_train", "shapes_sem_seg_val", ...
+        preset: a ``shapes_gen.PRESETS`` name (how hard the scenes are).
 
     Returns:
         the ShapesSpec (``.dataset_dir`` is the folder holding the files).
     """
     if root is None:
         root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-    spec = ShapesSpec(os.path.abspath(root), image_size, num_train, num_val, seed)
+    spec = ShapesSpec(os.path.abspath(root), image_size, num_train, num_val, seed, preset)
     for split in SPLITS:
         image_root = spec.path(split, "image_root")
         inst_json = spec.path(split, "instances_json")
@@ -365,7 +379,18 @@ def register_shapes(
             ignore_label=gen.IGNORE_LABEL, **_all_classes_as_stuff(),
         )
         _make_lazy(sem, spec, split)
+        for name in (inst, pan, pan + "_separated", pan + "_stuffonly", sem):
+            MetadataCatalog.get(name).set(shapes_preset=preset)
     return spec
+
+
+def register_presets(root: str | None = None, **kwargs) -> dict[str, ShapesSpec]:
+    """Register every preset under its own names, ``shapes_<preset>_*`` (``kwargs`` as in
+    ``register_shapes``: sizes and seed); returns preset -> spec."""
+    return {
+        name: register_shapes(root, prefix=f"shapes_{name}", preset=name, **kwargs)
+        for name in gen.PRESETS
+    }
 
 
 def configure_shapes_from_cfg(cfg, generate: bool = False) -> ShapesSpec:
@@ -381,10 +406,12 @@ def configure_shapes_from_cfg(cfg, generate: bool = False) -> ShapesSpec:
         raise KeyError(
             "cfg.DATASETS.SHAPES is missing: call common.engine.defaults.add_common_config(cfg)"
         )
-    spec = register_shapes(
+    kwargs = dict(
         image_size=int(node.IMAGE_SIZE), num_train=int(node.NUM_TRAIN),
-        num_val=int(node.NUM_VAL), seed=int(node.SEED),
+        num_val=int(node.NUM_VAL), seed=int(node.SEED), preset=str(node.PRESET),
     )
+    spec = register_shapes(**kwargs)
+    register_shapes(**{**kwargs, "prefix": f"shapes_{kwargs['preset']}"})
     if generate:
         for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
             ensure_generated(name)
@@ -399,11 +426,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default=gen.DEFAULT_PRESET, choices=sorted(gen.PRESETS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     root = args.root or os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
     spec = ShapesSpec(os.path.abspath(root), args.image_size, args.num_train, args.num_val,
-                      args.seed)
+                      args.seed, args.preset)
     start = time.perf_counter()
     for split in SPLITS:
         ensure_split(spec, split)
@@ -414,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Register the default-sized dataset on import, as detectron2's builtin.py does for COCO.
 if __name__.endswith(".shapes"):
     register_shapes()
+    register_presets()
 
 if __name__ == "__main__":
     raise SystemExit(main())

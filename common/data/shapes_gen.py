@@ -1,8 +1,11 @@
 """Scene generator and file writer of the built-in synthetic ``shapes`` dataset (numpy + OpenCV).
 
-A scene is a square RGB image of textured background regions ("stuff": sky, grass, water, sand)
-with 0-6 textured shapes ("things": circle, triangle, rectangle, star, ring) stacked on top of
-each other. Draw order is depth: a shape hides what it covers, its mask is what stays visible,
+A scene is a square RGB image of background regions ("stuff": sky, grass, water, sand) with
+shapes ("things": circle, triangle, rectangle, star, ring) stacked on top of each other. How hard
+a scene is comes from its :class:`Preset` (``PRESETS``): ``"standard"`` (the default) draws 1-4
+shapes of 16-60 px (at 128 px) in a colour of their class over flat stuff, mildly occluded;
+``"hard"`` draws 1-6 shapes of any colour and texture over textured stuff, down to 10 % visible
+and 6 px small (the only look of generator version 1, reproduced bit for bit). Draw order is depth: a shape hides what it covers, its mask is what stays visible,
 and shapes left too small or mostly hidden are removed before the image is painted. The image is
 painted from the final label map, so image, instance, panoptic and semantic labels agree pixel
 for pixel. Every image is generated from its own seed derived from (seed, split, index), so any
@@ -51,7 +54,49 @@ LABEL_DIVISOR = 1000
 #: Every EMPTY_PERIOD-th image (index % EMPTY_PERIOD == EMPTY_OFFSET) has no things (~3 %).
 EMPTY_PERIOD, EMPTY_OFFSET = 32, 7
 JPEG_QUALITY = 95
-_MIN_VISIBLE_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How hard ``shapes`` scenes are. Every preset has the same 5 thing and 4 stuff classes.
+
+    Attributes:
+        name: the preset's name (``DATASETS.SHAPES.PRESET``; part of the dataset folder's name).
+        max_things: 1..max_things shapes per image (empty images are added regardless).
+        radius: (low, high) shape radius as a fraction of the image side, drawn log-uniformly.
+        min_visible: a shape less visible than this fraction of its full area is removed.
+        class_colours: True: a shape is painted, flat, in its class's hue (``CLASS_HUES``, with a
+            little jitter); False: random colours and textures (stripes, gradient, speckle).
+        stuff_textures: True: sky/grass/water/sand textures; False: flat colours with mild noise.
+    """
+
+    name: str
+    max_things: int
+    radius: tuple[float, float]
+    min_visible: float
+    class_colours: bool
+    stuff_textures: bool
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("standard", max_things=4, radius=(0.0625, 0.23), min_visible=0.6,
+               class_colours=True, stuff_textures=False),
+        Preset("hard", max_things=6, radius=(0.05, 0.32), min_visible=0.1,
+               class_colours=False, stuff_textures=True),
+    )
+}
+DEFAULT_PRESET = "standard"
+#: Hue (degrees) of each thing class under ``class_colours``: far from the stuff hues and apart.
+CLASS_HUES = {"circle": 0.0, "triangle": 55.0, "rectangle": 170.0, "star": 250.0, "ring": 305.0}
+
+
+def get_preset(name: str) -> Preset:
+    """The :class:`Preset` called ``name``; a ValueError lists the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"shapes: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
 
 
 @dataclass
@@ -157,6 +202,21 @@ _STUFF_TEXTURES: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
 }
 
 
+def _flat_stuff(name: str) -> Callable[[np.random.Generator, int], np.ndarray]:
+    """A flat version of a stuff texture: its hue range, no pattern, mild pixel noise."""
+    hsv = {"sky": ((195, 215), (0.35, 0.6), (0.85, 1.0)), "grass": ((85, 130), (0.5, 0.85), (0.35, 0.6)),
+           "water": ((185, 230), (0.6, 0.95), (0.25, 0.45)), "sand": ((32, 50), (0.3, 0.55), (0.7, 0.92))}[name]
+
+    def paint(rng: np.random.Generator, s: int) -> np.ndarray:
+        c = _rgb(*(rng.uniform(lo, hi) for lo, hi in hsv))
+        return np.broadcast_to(c, (s, s, 3)) + rng.normal(0, 4, (s, s, 3)).astype(np.float32)
+
+    return paint
+
+
+_FLAT_STUFF = {name: _flat_stuff(name) for name in _STUFF_TEXTURES}
+
+
 def _stuff_layout(rng: np.random.Generator, s: int) -> np.ndarray:
     """[S,S] int32 stuff category id per pixel: argmax of smooth random fields (smooth borders)."""
     n = int(rng.choice([1, 2, 3, 4], p=[0.1, 0.4, 0.35, 0.15]))
@@ -197,6 +257,12 @@ def _thing_texture(rng: np.random.Generator, s: int, cx: float, cy: float, r: fl
     else:  # speckle
         img = np.broadcast_to(c1, (s, s, 3)) + rng.normal(0, 22, (s, s, 3))
     return img.astype(np.float32)
+
+
+def _class_colour(rng: np.random.Generator, s: int, name: str) -> np.ndarray:
+    """[S,S,3] float32: the class hue of ``name`` (jittered), flat, with mild pixel noise."""
+    c = _rgb(CLASS_HUES[name] + rng.uniform(-8, 8), rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0))
+    return (np.broadcast_to(c, (s, s, 3)) + rng.normal(0, 4, (s, s, 3))).astype(np.float32)
 
 
 def _regular(cx: float, cy: float, radii: np.ndarray, theta: float) -> np.ndarray:
@@ -240,8 +306,11 @@ def _thing_mask(rng: np.random.Generator, name: str, s: int, cx: float, cy: floa
 _MIN_RADIUS = {"circle": 3.0, "triangle": 4.0, "rectangle": 3.5, "star": 5.0, "ring": 6.0}
 
 
-def render_scene(image_size: int, seed: int, split: str, index: int) -> Scene:
-    """Render image ``index`` of ``split``; the same arguments always give the same scene.
+def render_scene(
+    image_size: int, seed: int, split: str, index: int, preset: str = DEFAULT_PRESET
+) -> Scene:
+    """Render image ``index`` of ``split`` under ``preset`` (a ``PRESETS`` name); the same
+    arguments always give the same scene.
 
     Returns:
         Scene with image [S,S,3] uint8, visible thing masks [S,S] bool, stuff_map and segment_ids
@@ -250,19 +319,25 @@ def render_scene(image_size: int, seed: int, split: str, index: int) -> Scene:
     s = int(image_size)
     if s < 16:
         raise ValueError(f"shapes: image_size must be >= 16 pixels, got {image_size}")
+    p = get_preset(preset)
     rng = image_rng(seed, split, index)
     stuff_map = _stuff_layout(rng, s)
-    num = 0 if index % EMPTY_PERIOD == EMPTY_OFFSET else int(rng.integers(1, 7))
+    num = 0 if index % EMPTY_PERIOD == EMPTY_OFFSET else int(rng.integers(1, p.max_things + 1))
+    r_low, r_high = np.log(p.radius[0]), np.log(p.radius[1])
     min_area = max(6, round(0.001 * s * s))
 
     shapes = []  # (category index, full mask, texture), bottom to top
     for _ in range(num):
         cat = int(rng.integers(len(THING_CATEGORIES)))
         name = THING_CATEGORIES[cat]["name"]
-        r = max(_MIN_RADIUS[name], s * float(np.exp(rng.uniform(np.log(0.05), np.log(0.32)))))
+        r = max(_MIN_RADIUS[name], s * float(np.exp(rng.uniform(r_low, r_high))))
         cx, cy = rng.uniform(0.05, 0.95, 2) * s
         full = _thing_mask(rng, name, s, cx, cy, r).astype(bool)
-        shapes.append((cat, full, _thing_texture(rng, s, cx, cy, r)))
+        if p.class_colours:
+            tex = _class_colour(rng, s, name)
+        else:
+            tex = _thing_texture(rng, s, cx, cy, r)
+        shapes.append((cat, full, tex))
 
     def owners(keep: list[int]) -> np.ndarray:
         own = np.full((s, s), -1, np.int32)
@@ -276,14 +351,15 @@ def render_scene(image_size: int, seed: int, split: str, index: int) -> Scene:
     kept = [
         k
         for k in keep
-        if visible[k] >= min_area and visible[k] >= _MIN_VISIBLE_FRACTION * shapes[k][1].sum()
+        if visible[k] >= min_area and visible[k] >= p.min_visible * shapes[k][1].sum()
     ]
     if kept != keep:  # removing a shape only uncovers the ones below it: one pass suffices
         own = owners(kept)
 
     image = np.zeros((s, s, 3), np.float32)
+    painters = _STUFF_TEXTURES if p.stuff_textures else _FLAT_STUFF
     for cat in STUFF_CATEGORIES:  # draw every texture, keep the stream independent of the layout
-        tex = _STUFF_TEXTURES[cat["name"]](rng, s)
+        tex = painters[cat["name"]](rng, s)
         sel = stuff_map == cat["id"]
         image[sel] = tex[sel]
     segment_ids = stuff_map * LABEL_DIVISOR
@@ -410,8 +486,11 @@ def _write_png(path: str, rgb_or_gray: np.ndarray) -> None:
         raise OSError(f"shapes: cannot write {path}")
 
 
-def write_split(out_dir: str, split: str, num_images: int, image_size: int, seed: int) -> dict:
-    """Render ``num_images`` scenes of ``split`` and write them under ``out_dir``.
+def write_split(
+    out_dir: str, split: str, num_images: int, image_size: int, seed: int,
+    preset: str = DEFAULT_PRESET,
+) -> dict:
+    """Render ``num_images`` scenes of ``split`` (``preset``) and write them under ``out_dir``.
 
     Writes (paths relative to ``out_dir``, see ``split_paths``): ``<split>/*.jpg`` (JPEG quality
     95), ``annotations/instances_<split>.json`` and ``annotations/panoptic_<split>.json``,
@@ -427,7 +506,7 @@ def write_split(out_dir: str, split: str, num_images: int, image_size: int, seed
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
     images, instances, panoptic = [], [], []
     for index in range(num_images):
-        scene = render_scene(image_size, seed, split, index)
+        scene = render_scene(image_size, seed, split, index, preset)
         image_id, stem = index + 1, file_stem(index + 1)
         jpg = os.path.join(out_dir, rel["image_root"], stem + ".jpg")
         if not cv2.imwrite(jpg, scene.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
@@ -458,7 +537,7 @@ def write_split(out_dir: str, split: str, num_images: int, image_size: int, seed
         panoptic.append({"image_id": image_id, "file_name": stem + ".png",
                          "segments_info": segments})
     info = {"description": "QuerySeg synthetic shapes", "split": split, "seed": seed,
-            "image_size": image_size, "version": "1"}
+            "image_size": image_size, "preset": preset, "version": "2"}
     keys = ("id", "name", "supercategory")
     inst_json = {"info": info, "licenses": [], "images": images, "annotations": instances,
                  "categories": [{k: c[k] for k in keys} for c in THING_CATEGORIES]}

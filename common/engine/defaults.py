@@ -70,3 +70,6 @@ def add_common_config(cfg: CN) -> None:
     cfg.DATASETS.SHAPES.NUM_TRAIN = 600
     cfg.DATASETS.SHAPES.NUM_VAL = 100
     cfg.DATASETS.SHAPES.SEED = 0
+    # how hard the scenes are: "standard" (class-coloured, flat stuff, mild occlusion) or "hard"
+    # (random textures, occlusion to 10 % visible, small shapes); see common/data/shapes_gen.py
+    cfg.DATASETS.SHAPES.PRESET = "standard"

@@ -90,6 +90,7 @@ def draw_predictions(
     task: str = "auto",
     score_threshold: float = 0.0,
     instance_mode: ColorMode = ColorMode.IMAGE,
+    scale: float = 1.0,
 ) -> np.ndarray:
     """Overlay one image's predictions with Detectron2's Visualizer.
 
@@ -102,11 +103,13 @@ def draw_predictions(
         metadata: the dataset's Metadata (class names and colours).
         task: see :func:`choose_task`.
         score_threshold: instances (and scored panoptic things) below it are not drawn.
+        scale: the overlay is drawn at ``scale`` x the image size (labels stay legible on small
+            images).
     Returns:
-        [H,W,3] uint8 RGB overlay.
+        [H*scale,W*scale,3] uint8 RGB overlay.
     """
     task = choose_task(outputs, task)
-    vis = Visualizer(image_rgb, metadata, instance_mode=instance_mode)
+    vis = Visualizer(image_rgb, metadata, instance_mode=instance_mode, scale=scale)
     if task == "panoptic":
         seg, info = outputs["panoptic_seg"]
         seg, info = _filter_panoptic(seg.to("cpu"), info, score_threshold)
@@ -122,15 +125,19 @@ def draw_predictions(
     return out.get_image()
 
 
-def draw_ground_truth(image_rgb: np.ndarray, dataset_dict: dict, metadata: Any) -> np.ndarray:
+def draw_ground_truth(
+    image_rgb: np.ndarray, dataset_dict: dict, metadata: Any, scale: float = 1.0
+) -> np.ndarray:
     """Overlay a Detectron2 dataset dict's annotations (instances, sem_seg or panoptic).
 
     Args:
         image_rgb: [H,W,3] uint8 RGB image at the dataset dict's original size.
+        scale: as in :func:`draw_predictions`.
     Returns:
-        [H,W,3] uint8 RGB overlay.
+        [H*scale,W*scale,3] uint8 RGB overlay.
     """
-    return Visualizer(image_rgb, metadata).draw_dataset_dict(dataset_dict).get_image()
+    vis = Visualizer(image_rgb, metadata, scale=scale)
+    return vis.draw_dataset_dict(dataset_dict).get_image()
 
 
 def _caption(panel: np.ndarray, label: str, height: int) -> np.ndarray:

@@ -8,6 +8,7 @@ import math
 import os
 import time
 
+import cv2
 import pytest
 import torch
 
@@ -131,6 +132,12 @@ def test_benchmark_end_to_end_writes_table_csv_and_plot(shapes_tiny_env, tmp_pat
 
     png = (out / "benchmark.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 200_000
+    # the Visualizer grid: a ground-truth line and the row's line, 4 panels of >= 256 px each
+    grid = cv2.imread(str(out / "benchmark_grid.png"))
+    panel = 256 + 26 + 4
+    assert grid.shape[0] == 2 * panel - 4 and grid.shape[1] == 4 * (256 + 4) - 4, grid.shape
+    gt, pred = grid[26:282, :256], grid[panel + 26 : panel + 282, :256]
+    assert gt.std() > 10 and pred.std() > 10  # drawn images, not blank panels
     assert os.path.exists(out / "rows" / "00_Mask_R-CNN_tiny" / "model_final.pth")
 
     # --weights: the saved checkpoint is evaluated instead of trained
@@ -182,3 +189,18 @@ def test_progress_weights_each_rows_passes_by_its_cost_for_the_eta():
     assert bar.done == 10 + 2 * 5.0
     bar.advance(100)  # never past the row's share
     assert bar.done == 60
+
+
+def test_rows_train_in_parallel_workers_then_are_measured_alone(shapes_tiny_env, tmp_path):
+    out = tmp_path / "jobs"
+    argv = ["--config", MASK_RCNN, MASK_RCNN, "--names", "a", "b", "--jobs", "2", *TINY_ARGS,
+            "--no-progress", "--repeats", "1", "--warmup", "0", "--output", str(out),
+            *shapes_tiny_env.cfg_opts, *TINY_OPTS]
+    assert benchmark.main(argv) == 0
+    rows = _read_csv(out / "benchmark.csv")
+    assert [r["name"] for r in rows] == ["a", "b"]
+    for r, sub in zip(rows, ("00_a", "01_b")):
+        assert float(r["train_s_iter"]) > 0 and math.isfinite(float(r["AP"]))
+        assert os.path.isfile(out / "rows" / sub / "model_final.pth")
+        assert "Starting training" in (out / "rows" / sub / "log.txt").read_text()
+    assert "2 rows trained at once" in (out / "benchmark.md").read_text()

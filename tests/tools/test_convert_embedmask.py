@@ -188,7 +188,7 @@ def test_v2_every_key_maps_and_loads(v2):
     src, out, model = v2
     assert len(src) == len(out) == len(model.state_dict())
     pairs = {
-        "backbone.body.stem.bn1.running_var": "backbone.bottom_up.stem.conv1.norm.running_var",
+        "backbone.body.stem.bn1.running_mean": "backbone.bottom_up.stem.conv1.norm.running_mean",
         "backbone.body.layer1.0.downsample.1.bias": "backbone.bottom_up.res2.0.shortcut.norm.bias",
         "backbone.body.layer3.5.bn2.bias": "backbone.bottom_up.res4.5.conv2.norm.bias",
         "backbone.fpn.fpn_inner2.weight": "backbone.fpn_lateral3.weight",
@@ -203,6 +203,35 @@ def test_v2_every_key_maps_and_loads(v2):
         assert torch.equal(out[ours], src[official]), official
     assert convert_embedmask.embedmask_generation(src) == {"generation": "v2", "embed_dim": 16}
     assert convert_embedmask.model_overrides(src) == []
+
+
+@torch.no_grad()
+def test_frozen_bn_scales_as_maskrcnn_benchmark():
+    """maskrcnn-benchmark FrozenBatchNorm2d: y = x * w / sqrt(var) + b - mean * w / sqrt(var), no
+    eps; the converted Detectron2 FrozenBatchNorm2d (eps inside the sqrt) must give the same."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    src = _strip(official_maskrcnn_benchmark_state(zeros=True))
+    p = "backbone.body.layer1.0.bn2."
+    src[p + "weight"] = torch.tensor([1.5, 2.0] + [1.0] * 62)
+    src[p + "bias"] = torch.tensor([0.5, -1.0] + [0.0] * 62)
+    src[p + "running_mean"] = torch.tensor([1.0, 2.0] + [0.0] * 62)
+    src[p + "running_var"] = torch.tensor([4e-5, 0.25] + [1.0] * 62)
+    out, report = convert_embedmask.convert(src)
+    assert not report.unmapped and not report.duplicates, report.format()
+    bn = FrozenBatchNorm2d(64)
+    assert bn.eps == convert_embedmask.D2_BN_EPS
+    q = "backbone.bottom_up.res2.0.conv2.norm."
+    bn.load_state_dict({k: out[q + k] for k in ("weight", "bias", "running_mean", "running_var")})
+    x = torch.tensor([3.0, 1.0])[None, :, None, None].expand(1, 2, 1, 1)
+    x = torch.cat([x, torch.zeros(1, 62, 1, 1)], 1)
+    # by hand: channel 0: 1.5 / sqrt(4e-5) = 237.170825 -> (3 - 1) * 237.170825 + 0.5
+    #          channel 1: 2.0 / sqrt(0.25) = 4 -> (1 - 2) * 4 - 1 = -5
+    ref = torch.tensor([2 * 1.5 / 4e-5**0.5 + 0.5, -5.0])
+    torch.testing.assert_close(bn(x)[0, :2, 0, 0], ref, rtol=1e-5, atol=0)
+    # the heads' GroupNorms and everything else are copied unchanged
+    tower = "rpn.head.cls_tower.1.weight"
+    assert torch.equal(out["proposal_generator.fcos_head.cls_tower.1.weight"], src[tower])
 
 
 def _levels(g, sizes=((8, 10), (4, 5), (2, 3), (1, 2), (1, 1))):
@@ -380,6 +409,18 @@ def test_cli_end_to_end(v2, tmp_path, capsys):
         model.state_dict()[key].zero_()
     QSCheckpointer(model).load(str(dst))
     assert torch.equal(model.state_dict()[key], src["rpn.head.proposal_margin_pred.bias"])
+
+
+def test_cli_accepts_format_before_the_paths(v2, tmp_path, monkeypatch):
+    import common.convert.cli as ckpt
+
+    src, _, model = v2
+    monkeypatch.setattr(ckpt, "model_from_config", lambda *a, **k: (model, None))
+    path, dst = tmp_path / "embed_mask_R50_1x.pth", tmp_path / "converted.pth"
+    torch.save({"model": src}, path)
+    argv = ["--format", "maskrcnn-benchmark", str(path), str(dst)]
+    assert convert_embedmask.main(argv) == 0
+    assert dst.exists()
 
 
 def test_cli_refuses_adelaidet_without_writing(model_v2, tmp_path, capsys, monkeypatch):

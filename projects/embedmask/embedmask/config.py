@@ -41,6 +41,11 @@ def add_fcos_config(cfg: CN) -> None:
     cfg.MODEL.FCOS.NMS_TH = 0.6
     # Apply INFERENCE_TH to cls * centerness instead of cls alone (AdelaiDet: True).
     cfg.MODEL.FCOS.THRESH_WITH_CTR = False
+    # Box convention: "maskrcnn-benchmark" (official v2: inclusive pixel boxes, GT x2 = x + w - 1;
+    # clip to size - 1, "+1" NMS widths, ties at the last kept score kept) or "detectron2".
+    cfg.MODEL.FCOS.BOX_CONVENTION = "maskrcnn-benchmark"
+    # GIoU loss with the IoU smoothed as (I + s) / (U + s) (FCOS IOULoss: 1); 0: plain GIoU.
+    cfg.MODEL.FCOS.IOU_LOSS_SMOOTH = 1.0
 
 
 def add_embedmask_config(cfg: CN) -> None:
@@ -82,3 +87,7 @@ def add_embedmask_config(cfg: CN) -> None:
     cfg.MODEL.EMBEDMASK.MASK_TH = 0.53
     # Inference: compute masks only inside the detected box + 2 px at stride 4 (v2 CUDA op).
     cfg.MODEL.EMBEDMASK.MASK_BOX_CROP = True
+    # Inference: masks to the output size. "padded" (v2 COCO evaluator): bilinear resize of the
+    # padded stride-4 grid to ceil(grid * stride * out / in), then crop; "exact": one bilinear
+    # sampling at the exact position of every output pixel.
+    cfg.MODEL.EMBEDMASK.MASK_RESIZE = "padded"

@@ -2,8 +2,8 @@
 
 Provenance: EmbedMask v2 (yinghdb/EmbedMask e9d6142) on FCOS, as a Detectron2 meta-arch laid out
 like the author's AdelaiDet port (``backbone``, ``proposal_generator.fcos_head``). Differences:
-plain-PyTorch mask probabilities (no CUDA op); masks are resized to the output size with one
-bilinear sampling of the stride-4 log-probabilities (v2: resize in the COCO evaluator).
+plain-PyTorch mask probabilities (no CUDA op); masks are resized to the output size in the
+model (v2: in the COCO evaluator), by default as v2's evaluator does (``MASK_RESIZE padded``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .mask_loss import EmbedMaskLoss
 #: the pixel-embedding stride) of that crop.
 _OUTSIDE_BOX_LOG_PROB = -10.0
 _BOX_CROP_PAD = 2
+MASK_RESIZES = ("padded", "exact")
 
 
 @META_ARCH_REGISTRY.register()
@@ -51,6 +52,7 @@ class EmbedMask(nn.Module):
         pixel_std: tuple[float, ...],
         mask_threshold: float = 0.53,
         mask_box_crop: bool = True,
+        mask_resize: str = "padded",
     ):
         """
         Args:
@@ -62,6 +64,8 @@ class EmbedMask(nn.Module):
             pixel_mean, pixel_std: per-channel input normalisation.
             mask_threshold: a pixel is foreground where p > mask_threshold.
             mask_box_crop: compute masks only inside the detected box (+2 px at stride 4).
+            mask_resize: "padded" (v2's COCO evaluator: resize the padded stride-4 grid by
+                out / in, then crop) or "exact" (sample each output pixel's exact position).
         """
         super().__init__()
         self.backbone = backbone
@@ -71,6 +75,11 @@ class EmbedMask(nn.Module):
         self.in_features = list(in_features)
         self.mask_log_threshold = math.log(mask_threshold)
         self.mask_box_crop = mask_box_crop
+        if mask_resize not in MASK_RESIZES:
+            raise ValueError(
+                f"MODEL.EMBEDMASK.MASK_RESIZE must be one of {MASK_RESIZES}, got {mask_resize!r}"
+            )
+        self.mask_resize = mask_resize
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         shapes = backbone.output_shape()
@@ -99,12 +108,14 @@ class EmbedMask(nn.Module):
                 box_padding=e.BOX_PADDING,
                 loss_mask_alpha=e.LOSS_MASK_ALPHA,
                 loss_smooth_alpha=e.LOSS_SMOOTH_ALPHA,
+                inclusive_boxes=cfg.MODEL.FCOS.BOX_CONVENTION == "maskrcnn-benchmark",
             ),
             "in_features": cfg.MODEL.FCOS.IN_FEATURES,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "mask_threshold": e.MASK_TH,
             "mask_box_crop": e.MASK_BOX_CROP,
+            "mask_resize": e.MASK_RESIZE,
         }
 
     @property
@@ -192,17 +203,20 @@ class EmbedMask(nn.Module):
         return results
 
     def _crop_to_boxes(self, log_prob: Tensor, boxes: Tensor) -> Tensor:
-        """Keep [n, H', W'] log-probabilities inside each xyxy box (in input pixels), padded by
-        2 grid pixels; elsewhere -10 (v2's box-restricted CUDA op)."""
+        """Keep [n, H', W'] log-probabilities in each box's cells [x0, x1) x [y0, y1) with
+        x0 = max(int(x1_box / s) - 2, 0), x1 = min(int(x2_box / s) + 2, W') (s the mask stride,
+        boxes >= 0 in input pixels); elsewhere -10 (v2's box-restricted CUDA op)."""
         s = self.mask_stride
         grid = (boxes / s).long()
+        h, w = log_prob.shape[-2:]
         x0 = (grid[:, 0] - _BOX_CROP_PAD).clamp(min=0)
         y0 = (grid[:, 1] - _BOX_CROP_PAD).clamp(min=0)
-        x1, y1 = grid[:, 2] + _BOX_CROP_PAD, grid[:, 3] + _BOX_CROP_PAD
-        ys = torch.arange(log_prob.shape[-2], device=log_prob.device)
-        xs = torch.arange(log_prob.shape[-1], device=log_prob.device)
-        in_y = (ys[None] >= y0[:, None]) & (ys[None] <= y1[:, None])
-        in_x = (xs[None] >= x0[:, None]) & (xs[None] <= x1[:, None])
+        x1 = (grid[:, 2] + _BOX_CROP_PAD).clamp(max=w)
+        y1 = (grid[:, 3] + _BOX_CROP_PAD).clamp(max=h)
+        ys = torch.arange(h, device=log_prob.device)
+        xs = torch.arange(w, device=log_prob.device)
+        in_y = (ys[None] >= y0[:, None]) & (ys[None] < y1[:, None])
+        in_x = (xs[None] >= x0[:, None]) & (xs[None] < x1[:, None])
         inside = in_y[:, :, None] & in_x[:, None, :]
         return torch.where(inside, log_prob, torch.full_like(log_prob, _OUTSIDE_BOX_LOG_PROB))
 
@@ -214,7 +228,47 @@ class EmbedMask(nn.Module):
         output_size: tuple[int, int],
     ) -> Instances:
         """Resize boxes and [n, H', W'] log-probability maps of the padded input to the output
-        size (bilinear, one sampling), threshold at log(MASK_TH)."""
+        size (``mask_resize``), threshold at log(MASK_TH). Inclusive (maskrcnn-benchmark) boxes
+        are scaled, then x2, y2 + 1 (its COCO export's w = x2 - x1 + 1), not clipped."""
+        (img_h, img_w), (out_h, out_w) = image_size, output_size
+        if not log_prob.shape[0]:
+            resized = log_prob.new_zeros((0, out_h, out_w))
+        elif self.mask_resize == "padded":
+            resized = self._resize_padded(log_prob, image_size, output_size)
+        else:
+            resized = self._resize_exact(log_prob, image_size, output_size)
+        result = Instances((out_h, out_w))
+        boxes = det.pred_boxes.clone()
+        boxes.scale(out_w / img_w, out_h / img_h)
+        if self.proposal_generator.inclusive_boxes:
+            boxes.tensor[:, 2:] += 1
+        else:
+            boxes.clip((out_h, out_w))
+        result.pred_boxes = boxes
+        result.scores = det.scores
+        result.pred_classes = det.pred_classes
+        result.pred_masks = resized > self.mask_log_threshold
+        return result
+
+    def _resize_padded(
+        self, log_prob: Tensor, image_size: tuple[int, int], output_size: tuple[int, int]
+    ) -> Tensor:
+        """v2's COCO evaluator: the whole padded grid [n, H', W'] bilinearly (align_corners
+        False) to ceil(H' * s * out_h / img_h) x ceil(W' * s * out_w / img_w) (float32, as v2),
+        then the top-left [out_h, out_w]."""
+        (img_h, img_w), (out_h, out_w) = image_size, output_size
+        stride = torch.tensor(float(self.mask_stride))
+        size = [
+            int(torch.ceil(grid * stride * out / inp))
+            for grid, out, inp in zip(log_prob.shape[-2:], (out_h, out_w), (img_h, img_w))
+        ]
+        resized = F.interpolate(log_prob[None], size=size, mode="bilinear", align_corners=False)
+        return resized[0, :, :out_h, :out_w]
+
+    def _resize_exact(
+        self, log_prob: Tensor, image_size: tuple[int, int], output_size: tuple[int, int]
+    ) -> Tensor:
+        """One bilinear ``grid_sample`` at each output pixel centre's exact grid position."""
         (img_h, img_w), (out_h, out_w) = image_size, output_size
         s = self.mask_stride
         grid_h, grid_w = log_prob.shape[-2:]
@@ -222,19 +276,8 @@ class EmbedMask(nn.Module):
         ys = (torch.arange(out_h, device=log_prob.device) + 0.5) * (img_h / out_h) / s / grid_h
         xs = (torch.arange(out_w, device=log_prob.device) + 0.5) * (img_w / out_w) / s / grid_w
         gy, gx = torch.meshgrid(ys * 2 - 1, xs * 2 - 1, indexing="ij")
-        grid = torch.stack([gx, gy], dim=-1)[None]
-        if log_prob.shape[0]:
-            resized = F.grid_sample(
-                log_prob[None], grid, mode="bilinear", padding_mode="border", align_corners=False
-            )[0]
-        else:
-            resized = log_prob.new_zeros((0, out_h, out_w))
-        result = Instances((out_h, out_w))
-        boxes = det.pred_boxes.clone()
-        boxes.scale(out_w / img_w, out_h / img_h)
-        boxes.clip((out_h, out_w))
-        result.pred_boxes = boxes
-        result.scores = det.scores
-        result.pred_classes = det.pred_classes
-        result.pred_masks = resized > self.mask_log_threshold
-        return result
+        grid = torch.stack([gx, gy], dim=-1)[None].to(log_prob.dtype)
+        return F.grid_sample(
+            log_prob[None], grid, mode="bilinear", padding_mode="border", align_corners=False
+        )[0]
+

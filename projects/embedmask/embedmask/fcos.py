@@ -2,9 +2,12 @@
 
 Provenance: AdelaiDet's FCOS / FCOSOutputs and the maskrcnn-benchmark FCOS that EmbedMask v2 builds
 on, with the same module names (``fcos_head.{cls_tower,bbox_tower,cls_logits,bbox_pred,ctrness,
-scales}``). Differences: target assignment and inference are vectorised over locations x GTs; the
-GIoU regression loss comes from ``common.modeling.losses`` (no +1 smoothing of the IoU as in FCOS's
-``IOULoss``); ``SAMPLE_IN_MASK`` (EmbedMask) is an option of the assignment.
+scales}``). Differences: target assignment and inference are vectorised over locations x GTs;
+``SAMPLE_IN_MASK`` (EmbedMask) is an option of the assignment. maskrcnn-benchmark's conventions
+are the default and Detectron2's are options: ``BOX_CONVENTION`` (inclusive pixel boxes: GT
+x2, y2 - 1, clip to size - 1, "+1" NMS widths, ties at the last kept score kept, x2, y2 + 1 on
+output) and ``IOU_LOSS_SMOOTH`` (FCOS ``IOULoss``: (I + 1) / (U + 1); 0: ``common.modeling.losses``'
+plain GIoU).
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from common.modeling.losses import bce_with_logits_loss, giou_loss, sigmoid_focal_loss
 
 INF = 1e8
+#: "maskrcnn-benchmark": boxes are inclusive pixel indices (x2 = x + w - 1), as the official
+#: EmbedMask/FCOS code trains and tests them; "detectron2": continuous coordinates (x2 = x + w).
+BOX_CONVENTIONS = ("maskrcnn-benchmark", "detectron2")
 
 
 class Scale(nn.Module):
@@ -80,6 +86,51 @@ def _reduce_mean(x: Tensor) -> Tensor:
         torch.distributed.all_reduce(x)
         x = x / world
     return x
+
+
+def fcos_iou_loss(pred: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """FCOS ``IOULoss("giou")``: 1 - GIoU of the boxes around one point, with the IoU smoothed
+    as (I + smooth) / (U + smooth) (maskrcnn-benchmark FCOS: smooth 1, in stride units).
+
+    Args:
+        pred, target: [N, 4] non-negative (l, t, r, b).
+
+    Returns:
+        [N] losses.
+    """
+    pred_area = (pred[:, 0] + pred[:, 2]) * (pred[:, 1] + pred[:, 3])
+    target_area = (target[:, 0] + target[:, 2]) * (target[:, 1] + target[:, 3])
+    w_inter = torch.min(pred[:, 0], target[:, 0]) + torch.min(pred[:, 2], target[:, 2])
+    h_inter = torch.min(pred[:, 1], target[:, 1]) + torch.min(pred[:, 3], target[:, 3])
+    w_encl = torch.max(pred[:, 0], target[:, 0]) + torch.max(pred[:, 2], target[:, 2])
+    h_encl = torch.max(pred[:, 1], target[:, 1]) + torch.max(pred[:, 3], target[:, 3])
+    enclosing = w_encl * h_encl + 1e-7
+    inter = w_inter * h_inter
+    union = target_area + pred_area - inter
+    iou = (inter + smooth) / (union + smooth)
+    return 1 - (iou - (enclosing - union) / enclosing)
+
+
+def class_wise_nms(
+    boxes: Tensor, scores: Tensor, classes: Tensor, iou_th: float, plus_one: bool = False
+) -> Tensor:
+    """NMS within each class, one class at a time (exact in any dtype).
+
+    Args:
+        boxes: [N, 4] xyxy; scores: [N]; classes: [N] long.
+        plus_one: maskrcnn-benchmark widths x2 - x1 + 1 (inclusive pixel boxes).
+
+    Returns:
+        [K] long indices of the kept boxes, by decreasing score.
+    """
+    if plus_one:
+        boxes = torch.cat([boxes[:, :2], boxes[:, 2:] + 1], dim=1)
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    for c in torch.unique(classes):
+        idx = torch.nonzero(classes == c).squeeze(1)
+        kept[idx[nms(boxes[idx], scores[idx], iou_th)]] = True
+    keep = torch.nonzero(kept).squeeze(1)
+    return keep[scores[keep].argsort(descending=True, stable=True)]
 
 
 class FCOSHead(nn.Module):
@@ -189,6 +240,8 @@ class FCOS(nn.Module):
         nms_th: float = 0.6,
         post_nms_topk: int = 100,
         thresh_with_ctr: bool = False,
+        box_convention: str = "maskrcnn-benchmark",
+        iou_loss_smooth: float = 1.0,
     ):
         """
         Args:
@@ -201,6 +254,11 @@ class FCOS(nn.Module):
             inference_th: score threshold; pre_nms_topk: candidates per level;
             nms_th: class-wise NMS IoU; post_nms_topk: detections kept per image.
             thresh_with_ctr: threshold cls * centerness instead of cls.
+            box_convention: "maskrcnn-benchmark" (inclusive pixel boxes: GT x2, y2 - 1 for the
+                targets; at inference clip to size - 1, "+1" NMS widths, ties with the last
+                kept score kept, x2, y2 + 1 on the output boxes) or "detectron2".
+            iou_loss_smooth: (I + s) / (U + s) in the GIoU regression loss (FCOS: 1, in stride
+                units); 0 uses ``common.modeling.losses.giou_loss``.
         """
         super().__init__()
         if len(sizes_of_interest) != len(strides) - 1:
@@ -219,6 +277,18 @@ class FCOS(nn.Module):
         self.inference_th, self.pre_nms_topk = inference_th, pre_nms_topk
         self.nms_th, self.post_nms_topk = nms_th, post_nms_topk
         self.thresh_with_ctr = thresh_with_ctr
+        if box_convention not in BOX_CONVENTIONS:
+            raise ValueError(
+                f"MODEL.FCOS.BOX_CONVENTION must be one of {BOX_CONVENTIONS}, "
+                f"got {box_convention!r}"
+            )
+        self.box_convention = box_convention
+        self.iou_loss_smooth = iou_loss_smooth
+
+    @property
+    def inclusive_boxes(self) -> bool:
+        """Whether boxes are maskrcnn-benchmark inclusive pixel boxes (``box_convention``)."""
+        return self.box_convention == "maskrcnn-benchmark"
 
     @classmethod
     def from_config(cls, cfg: CfgNode, in_channels: int) -> dict:
@@ -240,6 +310,8 @@ class FCOS(nn.Module):
             "nms_th": f.NMS_TH,
             "post_nms_topk": cfg.TEST.DETECTIONS_PER_IMAGE,
             "thresh_with_ctr": f.THRESH_WITH_CTR,
+            "box_convention": f.BOX_CONVENTION,
+            "iou_loss_smooth": f.IOU_LOSS_SMOOTH,
         }
 
     # ---- head ------------------------------------------------------------------------------
@@ -311,6 +383,8 @@ class FCOS(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         num_loc = locations.shape[0]
         boxes = inst.gt_boxes.tensor.to(locations.device).float()
+        if self.inclusive_boxes:  # maskrcnn-benchmark GT: x2 = x + w - 1
+            boxes = torch.cat([boxes[:, :2], boxes[:, 2:] - 1], dim=1)
         if boxes.shape[0] == 0:
             return (
                 torch.full((num_loc,), self.num_classes, dtype=torch.long, device=locations.device),
@@ -380,10 +454,13 @@ class FCOS(nn.Module):
         ctr_pred = outputs["ctrness"].flatten()[pos]
         ctr_tgt = centerness_targets(reg_tgt)
         ctr_norm = _reduce_mean(ctr_tgt.sum()).clamp(min=1e-6)
-        origin = reg_pred.new_zeros((reg_pred.shape[0], 2))
-        loss_loc = giou_loss(
-            ltrb_to_boxes(origin, reg_pred), ltrb_to_boxes(origin, reg_tgt), reduction="none"
-        )
+        if self.iou_loss_smooth > 0:
+            loss_loc = fcos_iou_loss(reg_pred, reg_tgt, self.iou_loss_smooth)
+        else:
+            origin = reg_pred.new_zeros((reg_pred.shape[0], 2))
+            loss_loc = giou_loss(
+                ltrb_to_boxes(origin, reg_pred), ltrb_to_boxes(origin, reg_tgt), reduction="none"
+            )
         loss_loc = (loss_loc * ctr_tgt).sum() / ctr_norm
         loss_ctr = bce_with_logits_loss(ctr_pred[:, None], ctr_tgt[:, None], avg_factor=num_pos)
         return {"loss_fcos_cls": loss_cls, "loss_fcos_loc": loss_loc, "loss_fcos_ctr": loss_ctr}
@@ -406,6 +483,8 @@ class FCOS(nn.Module):
         Returns:
             per image Instances at the input size with pred_boxes, scores (cls * centerness),
             pred_classes, locations [n, 2], fpn_levels [n], and top_feat [n, F] if given.
+            pred_boxes are in ``box_convention`` (inclusive pixel boxes for maskrcnn-benchmark;
+            the meta-arch converts them at the output).
         """
         cls_prob = outputs["logits"].sigmoid()
         ctr_prob = outputs["ctrness"].sigmoid()
@@ -431,11 +510,10 @@ class FCOS(nn.Module):
                 score.append(s)
                 offset += lvl_h * lvl_w
             loc_i, cls_i, score_i = torch.cat(loc_idx), torch.cat(cls_idx), torch.cat(score)
-            boxes = Boxes(boxes_all[i, loc_i])
-            boxes.clip((h, w))
-            keep = batched_nms(boxes.tensor, score_i, cls_i, self.nms_th)[: self.post_nms_topk]
+            boxes = boxes_all[i, loc_i].to(score_i.dtype)
+            keep = self._nms(boxes, score_i, cls_i, (h, w))
             inst = Instances((h, w))
-            inst.pred_boxes = boxes[keep]
+            inst.pred_boxes = Boxes(boxes[keep])
             inst.scores = score_i[keep]
             inst.pred_classes = cls_i[keep]
             inst.locations = outputs["locations"][loc_i[keep]]
@@ -444,3 +522,22 @@ class FCOS(nn.Module):
                 inst.top_feat = top_feats[i, loc_i[keep]]
             results.append(inst)
         return results
+
+    def _nms(self, boxes: Tensor, scores: Tensor, classes: Tensor, image_size) -> Tensor:
+        """Clip [N, 4] ``boxes`` in place, class-wise NMS, keep ``post_nms_topk``.
+
+        maskrcnn-benchmark: clip to size - 1, "+1" widths, and every detection scoring at least
+        the ``post_nms_topk``-th score is kept (``kthvalue``); Detectron2: clip to size, the first
+        ``post_nms_topk``. Returns [K] long indices by decreasing score.
+        """
+        h, w = image_size
+        off = 1 if self.inclusive_boxes else 0
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=w - off)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=h - off)
+        if not self.inclusive_boxes:
+            return batched_nms(boxes, scores, classes, self.nms_th)[: self.post_nms_topk]
+        keep = class_wise_nms(boxes, scores, classes, self.nms_th, plus_one=True)
+        if keep.numel() > self.post_nms_topk > 0:
+            kth = scores[keep][self.post_nms_topk - 1]
+            keep = keep[scores[keep] >= kth]
+        return keep

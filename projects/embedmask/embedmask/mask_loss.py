@@ -78,6 +78,7 @@ class EmbedMaskLoss:
         box_padding: float = -1.0,
         loss_mask_alpha: float = 0.5,
         loss_smooth_alpha: float = 0.0,
+        inclusive_boxes: bool = False,
     ):
         """
         Args:
@@ -86,6 +87,8 @@ class EmbedMaskLoss:
             max_proposals: random cap on the positives of a batch for "all".
             box_padding: loss only inside the GT box enlarged by this ratio; < 0: whole map.
             loss_mask_alpha, loss_smooth_alpha: weights (the smooth loss needs "iou_mean").
+            inclusive_boxes: the predicted boxes are maskrcnn-benchmark inclusive pixel boxes
+                (``MODEL.FCOS.BOX_CONVENTION``); their IoU with the GT uses its "+1" widths.
         """
         if positive_sampling not in SAMPLINGS:
             raise ValueError(
@@ -102,6 +105,7 @@ class EmbedMaskLoss:
         self.box_padding = box_padding
         self.loss_mask_alpha = loss_mask_alpha
         self.loss_smooth_alpha = loss_smooth_alpha
+        self.inclusive_boxes = inclusive_boxes
 
     # ---- sampling --------------------------------------------------------------------------
     def select_positives(
@@ -172,6 +176,8 @@ class EmbedMaskLoss:
                 fcos_outputs["locations"][None],
                 fcos_outputs["bbox_reg"].detach() * fcos_outputs["strides"][None, :, None],
             )
+            if self.inclusive_boxes:  # v2's boxlist_iou on inclusive boxes: x2 - x1 + 1 widths
+                pred_boxes = torch.cat([pred_boxes[..., :2], pred_boxes[..., 2:] + 1], dim=-1)
         cap = self._cap_mask(gt_inds) if self.positive_sampling == "all" else None
         # zero-weighted term on every embedding output: DDP sees all parameters used (v2)
         loss_mask = 0.0 * (pixel_embed.sum() + proposal_embed.sum() + margin.sum())

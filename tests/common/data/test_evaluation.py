@@ -65,6 +65,12 @@ def _sem_logits(path: str, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(label, num_classes).permute(2, 0, 1).float()
 
 
+@pytest.fixture(params=["shapes_tiny", "shapes_tiny_hard"])
+def shapes_any(request):
+    """Each ``shapes`` preset: the ground truth must score 100 under every one."""
+    return request.getfixturevalue(request.param)
+
+
 def _run(evaluator, pairs) -> dict:
     evaluator.reset()
     for inp, out in pairs:
@@ -72,12 +78,12 @@ def _run(evaluator, pairs) -> dict:
     return evaluator.evaluate()
 
 
-def test_coco_ground_truth_scores_ap_100(cfg, shapes_tiny):
+def test_coco_ground_truth_scores_ap_100(cfg, shapes_any):
     cfg.TEST.EVAL_TASKS = ("segm", "bbox")
-    evaluator = build_evaluator(cfg, shapes_tiny.val)
+    evaluator = build_evaluator(cfg, shapes_any.val)
     assert isinstance(evaluator, COCOEvaluator)
     assert evaluator._output_dir == os.path.join(cfg.OUTPUT_DIR, "inference")
-    dicts = DatasetCatalog.get(shapes_tiny.val)
+    dicts = DatasetCatalog.get(shapes_any.val)
     assert any(not d["annotations"] for d in dicts)  # the empty-image path is exercised
     res = _run(evaluator, [(d, {"instances": _instances(d)}) for d in dicts])
     for task in ("segm", "bbox"):
@@ -88,15 +94,15 @@ def test_coco_ground_truth_scores_ap_100(cfg, shapes_tiny):
     assert wrong["segm"]["AP"] < 50
 
 
-def test_panoptic_dataset_all_tasks_score_100(cfg, shapes_tiny):
+def test_panoptic_dataset_all_tasks_score_100(cfg, shapes_any):
     cfg.TEST.EVAL_TASKS = ("panoptic_seg", "segm", "bbox", "sem_seg")
-    name = shapes_tiny.val_panoptic
+    name = shapes_any.val_panoptic
     evaluator = build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "ev"))
     assert isinstance(evaluator, DatasetEvaluators)
     kinds = [type(e) for e in evaluator._evaluators]
     assert kinds == [COCOPanopticEvaluator, COCOEvaluator, SemSegEvaluator]
     num_classes = len(MetadataCatalog.get(name).stuff_classes)
-    inst_dicts = {d["image_id"]: d for d in DatasetCatalog.get(shapes_tiny.val)}
+    inst_dicts = {d["image_id"]: d for d in DatasetCatalog.get(shapes_any.val)}
     pairs = []
     for d in DatasetCatalog.get(name):
         out = {
@@ -143,12 +149,12 @@ def test_separated_panoptic_pq_100_and_missing_segments_lower_it(cfg, shapes_tin
     assert _run(evaluator, pairs(True))["panoptic_seg"]["PQ_th"] == pytest.approx(0.0)
 
 
-def test_sem_seg_ground_truth_scores_miou_100(cfg, shapes_tiny):
+def test_sem_seg_ground_truth_scores_miou_100(cfg, shapes_any):
     cfg.TEST.EVAL_TASKS = ("sem_seg",)
-    evaluator = build_evaluator(cfg, shapes_tiny.sem_seg_val)
+    evaluator = build_evaluator(cfg, shapes_any.sem_seg_val)
     assert isinstance(evaluator, SemSegEvaluator)
-    k = len(MetadataCatalog.get(shapes_tiny.sem_seg_val).stuff_classes)
-    dicts = DatasetCatalog.get(shapes_tiny.sem_seg_val)
+    k = len(MetadataCatalog.get(shapes_any.sem_seg_val).stuff_classes)
+    dicts = DatasetCatalog.get(shapes_any.sem_seg_val)
     good = [(d, {"sem_seg": _sem_logits(d["sem_seg_file_name"], k)}) for d in dicts]
     res = _run(evaluator, good)["sem_seg"]
     assert res["mIoU"] == pytest.approx(100.0) and res["pACC"] == pytest.approx(100.0)

@@ -9,6 +9,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -142,10 +143,11 @@ def test_panoptic_and_semantic_pngs_agree(shapes_tiny, split):
         assert set(np.unique(stuff).tolist()) <= {0, 1, 2, 3, 4}
 
 
-def test_scenes_are_varied_and_not_trivial():
+@pytest.mark.parametrize("preset", sorted(gen.PRESETS))
+def test_scenes_are_varied_and_not_trivial(preset):
     things, stuff, counts, areas, colours = set(), set(), [], [], []
     for index in range(64):
-        scene = gen.render_scene(64, 0, "train", index)
+        scene = gen.render_scene(64, 0, "train", index, preset)
         counts.append(len(scene.things))
         stuff |= set(np.unique(scene.stuff_map).tolist())
         for t in scene.things:
@@ -154,9 +156,56 @@ def test_scenes_are_varied_and_not_trivial():
             colours.append(scene.image[t.mask].mean(0))
     assert things == {c["id"] for c in gen.THING_CATEGORIES}
     assert stuff == {c["id"] for c in gen.STUFF_CATEGORIES}
-    assert counts.count(0) == 2 and max(counts) >= 5  # index 7 and 39 are empty
+    p = gen.get_preset(preset)
+    assert counts.count(0) == 2 and max(counts) >= p.max_things - 1  # index 7 and 39 are empty
+    assert max(counts) <= p.max_things
     assert min(areas) < 0.02 * 64 * 64 < 0.15 * 64 * 64 < max(areas)  # small to large
     assert np.std(np.stack(colours), axis=0).min() > 30  # colours vary
+
+
+def test_hard_preset_is_generator_v1_bit_for_bit():
+    """``hard`` keeps the look of generator version 1 (the only one before presets): the sha1 of
+    these scenes was computed with version 1's code."""
+    h = hashlib.sha1()
+    for index in range(4):
+        scene = gen.render_scene(64, 0, "train", index, "hard")
+        h.update(scene.image.tobytes())
+        h.update(scene.segment_ids.tobytes())
+    assert h.hexdigest() == "50a4596e59e98fadf667854c2ea015f3f7b388a5"
+
+
+def test_standard_preset_paints_things_in_their_class_hue():
+    import colorsys
+
+    hues = {c["id"]: gen.CLASS_HUES[c["name"]] for c in gen.THING_CATEGORIES}
+    seen = 0
+    for index in range(24):
+        scene = gen.render_scene(96, 0, "val", index, "standard")
+        for t in scene.things:
+            rgb = np.median(scene.image[t.mask].astype(np.float64), axis=0) / 255
+            hue = colorsys.rgb_to_hsv(*rgb)[0] * 360
+            assert abs((hue - hues[t.category_id] + 180) % 360 - 180) < 15, (index, t.category_id)
+            assert t.mask.sum() >= 0.6 * 0.5 * 9  # never a sliver
+            seen += 1
+    assert seen > 30
+
+
+@pytest.mark.parametrize("preset", sorted(gen.PRESETS))
+def test_each_preset_is_deterministic(preset):
+    a = gen.render_scene(48, 3, "train", 5, preset)
+    b = gen.render_scene(48, 3, "train", 5, preset)
+    assert a.image.tobytes() == b.image.tobytes()
+    assert a.segment_ids.tobytes() == b.segment_ids.tobytes()
+
+
+def test_presets_differ_and_unknown_preset_names_the_known_ones(tmp_path):
+    a = gen.render_scene(64, 0, "train", 1, "standard")
+    b = gen.render_scene(64, 0, "train", 1, "hard")
+    assert a.image.tobytes() != b.image.tobytes()
+    with pytest.raises(ValueError, match="'medium'.*hard.*standard"):
+        gen.render_scene(64, 0, "train", 1, "medium")
+    with pytest.raises(ValueError, match="'medium'"):
+        register_shapes(root=str(tmp_path), prefix="shapes_bad", preset="medium")
 
 
 # ---- Detectron2 loaders and metadata -----------------------------------------------------------
@@ -234,7 +283,7 @@ def test_default_names_registered_on_import(tmp_path):
              "shapes_sem_seg_train", "shapes_sem_seg_val")
     assert set(names) <= set(DatasetCatalog.list())
     spec = register_shapes(root=str(tmp_path))  # what `import common.data` calls (other root)
-    assert spec.tag == "128px_s0_600-100_v1"
+    assert spec.tag == "standard_128px_s0_600-100_v2"
     assert MetadataCatalog.get("shapes_val").image_root == os.path.join(spec.dataset_dir, "val")
     assert not os.path.exists(spec.dataset_dir)  # nothing generated before first use
     register_shapes()
@@ -265,11 +314,12 @@ def test_same_seed_same_bytes_different_seed_different(shapes_tiny, tmp_path):
 
 
 def test_folder_encodes_parameters_and_meta_json(shapes_tiny):
-    assert os.path.basename(shapes_tiny.dataset_dir) == "64px_s0_8-8_v1"
+    assert os.path.basename(shapes_tiny.dataset_dir) == "standard_64px_s0_8-8_v2"
     with open(os.path.join(shapes_tiny.dataset_dir, "meta.json")) as f:
         meta = json.load(f)
-    assert {k: meta[k] for k in ("image_size", "seed", "num_train", "num_val")} == {
-        "image_size": 64, "seed": 0, "num_train": 8, "num_val": 8}
+    assert {k: meta[k] for k in ("image_size", "seed", "num_train", "num_val", "preset")} == {
+        "image_size": 64, "seed": 0, "num_train": 8, "num_val": 8, "preset": "standard"}
+    assert meta["preset_settings"]["class_colours"] is True
     assert set(meta["splits"]) == {"train", "val"}
     assert meta["splits"]["val"]["num_images"] == 8 and meta["splits"]["val"]["num_empty_images"]
     assert not [n for n in os.listdir(shapes_tiny.dataset_dir) if n.startswith(".tmp")]
@@ -378,6 +428,38 @@ def test_unknown_split_and_unknown_name():
 
 
 # ---- config and CLI ---------------------------------------------------------------------------
+
+
+def test_a_changed_preset_never_reuses_files(shapes_tiny, tmp_path):
+    """Same sizes and seed, other preset: another folder, other images; a folder whose meta.json
+    records another preset is refused, not read."""
+    hard = ShapesSpec(shapes_tiny.root, **shapes_tiny.params, preset="hard")
+    assert hard.dataset_dir != shapes_tiny.dataset_dir
+    ensure_split(hard, "val")
+    a, b = _digest_tree(hard, "val"), _digest_tree(shapes_tiny.spec, "val")
+    assert a.keys() == b.keys()
+    assert all(a[k] != b[k] for k in a if k.endswith(".jpg"))
+
+    # a standard folder renamed to the hard preset's name: its meta.json gives it away
+    forged = ShapesSpec(str(tmp_path), **shapes_tiny.params, preset="hard")
+    shutil.copytree(shapes_tiny.dataset_dir, forged.dataset_dir)
+    with pytest.raises(RuntimeError, match="'preset': 'standard'"):
+        ensure_split(forged, "val")
+
+
+def test_cfg_preset_selects_folder_names_and_metadata(shapes_tiny_env):
+    cfg = get_cfg()
+    add_common_config(cfg)
+    cfg.merge_from_list([*shapes_tiny_env.cfg_opts, "DATASETS.SHAPES.PRESET", "hard"])
+    spec = configure_shapes_from_cfg(cfg)
+    assert spec.preset == "hard" and os.path.basename(spec.dataset_dir).startswith("hard_64px")
+    for name in ("shapes_val", "shapes_hard_val", "shapes_hard_sem_seg_train"):
+        meta = MetadataCatalog.get(name)
+        assert meta.shapes_preset == "hard" and meta.image_root.startswith(spec.dataset_dir)
+    assert MetadataCatalog.get("shapes_standard_val").shapes_preset == "standard"
+    cfg.DATASETS.SHAPES.PRESET = "medium"
+    with pytest.raises(ValueError, match="unknown preset 'medium'"):
+        configure_shapes_from_cfg(cfg)
 
 
 def test_configure_from_cfg_reuses_the_matching_folder(shapes_tiny_env):

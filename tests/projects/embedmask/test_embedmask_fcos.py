@@ -12,6 +12,8 @@ IMAGE = 128  # square input; levels are 16, 8, 4, 2, 1 cells wide
 
 
 def _fcos(**kw) -> FCOS:
+    """The hand-computed targets below use Detectron2's box convention unless told."""
+    kw.setdefault("box_convention", "detectron2")
     head = FCOSHead(in_channels=8, num_classes=4, num_levels=5, num_convs=1, norm="")
     return FCOS(fcos_head=head, strides=STRIDES, sizes_of_interest=[64, 128, 256, 512], **kw)
 
@@ -138,3 +140,58 @@ def test_inference_decodes_boxes_and_applies_classwise_nms():
     torch.testing.assert_close(
         res.scores, torch.sigmoid(torch.tensor([3.0, 1.0])) * torch.sigmoid(torch.tensor(10.0))
     )
+
+
+@pytest.mark.parametrize("convention", ["maskrcnn-benchmark", "detectron2"])
+def test_border_boxes_clip_as_the_convention_says(convention):
+    """maskrcnn-benchmark's BoxList.clip_to_image clamps to [0, size - 1]; Detectron2 to size."""
+    fcos = _fcos(inference_th=0.5, box_convention=convention)
+    out = _outputs(fcos)
+    n = out["locations"].shape[0]
+    out["logits"] = torch.full((1, n, 4), -10.0)
+    out["ctrness"] = torch.full((1, n), 10.0)
+    out["bbox_reg"] = torch.full((1, n, 4), 3.0)
+    out["logits"][0, _index(0, 116, 116), 1] = 3.0  # 116 +- 24 crosses both far borders
+    res = fcos.predict_instances(out, [(IMAGE, 100)])[0]  # unpadded 128 x 100 of a 128 x 128
+    far = (99.0, 127.0) if convention == "maskrcnn-benchmark" else (100.0, 128.0)
+    torch.testing.assert_close(res.pred_boxes.tensor, torch.tensor([[92.0, 92.0, *far]]))
+
+
+def test_official_nms_uses_plus_one_widths():
+    """Boxes 0..10 and 1..11 (x), 0..10 (y): IoU 90 / 110 = 0.818 with Detectron2 widths,
+    110 / 132 = 0.833 with maskrcnn-benchmark's x2 - x1 + 1: at NMS IoU 0.825 only the
+    latter suppresses the second box."""
+    from embedmask.fcos import class_wise_nms
+
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [1.0, 0.0, 11.0, 10.0]])
+    scores, classes = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([1, 1, 2])
+    assert class_wise_nms(boxes, scores, classes, 0.825).tolist() == [0, 1, 2]
+    assert class_wise_nms(boxes, scores, classes, 0.825, plus_one=True).tolist() == [0, 2]
+    fcos = _fcos(nms_th=0.825, post_nms_topk=1, box_convention="maskrcnn-benchmark")
+    kept = fcos._nms(boxes.clone(), torch.tensor([0.9, 0.8, 0.9]), classes, (64, 64))
+    assert kept.tolist() == [0, 2]  # a tie with the last kept score is kept (v2's kthvalue)
+    fcos = _fcos(nms_th=0.825, box_convention="detectron2")
+    assert fcos._nms(boxes.clone(), scores, classes, (64, 64)).tolist() == [0, 1, 2]
+
+
+def test_fcos_iou_loss_is_smoothed_giou_by_hand():
+    """pred (1, 1, 1, 1), target (1, 1, 2, 2): I = 2 * 2 = 4, U = 4 + 9 - 4 = 9, enclosing
+    3 * 3 = 9 = U. FCOS: 1 - (4 + 1) / (9 + 1) = 0.5; plain GIoU: 1 - 4 / 9."""
+    from embedmask.fcos import fcos_iou_loss
+
+    pred, target = torch.tensor([[1.0, 1, 1, 1]]), torch.tensor([[1.0, 1, 2, 2]])
+    torch.testing.assert_close(fcos_iou_loss(pred, target), torch.tensor([0.5]))
+    torch.testing.assert_close(fcos_iou_loss(pred, target, 0.0), torch.tensor([1 - 4 / 9]))
+
+
+def test_official_targets_use_inclusive_gt_boxes():
+    """maskrcnn-benchmark GT boxes end at x + w - 1: r and b are 1 px (1 / stride) smaller."""
+    ours, official = _fcos(), _fcos(box_convention="maskrcnn-benchmark")
+    out = _outputs(ours)
+    scene = _scene()[[1]]  # C: 0..48, no mask cut
+    tg_d2 = ours.get_targets(out, [scene])
+    tg_mb = official.get_targets(out, [scene])
+    pos = (tg_d2["gt_inds"][0] >= 0) & (tg_mb["gt_inds"][0] >= 0)  # the centre region moves
+    assert pos.sum() >= 4
+    diff = (tg_d2["reg_targets"][0] - tg_mb["reg_targets"][0])[pos] * out["strides"][pos, None]
+    torch.testing.assert_close(diff, torch.tensor([0.0, 0.0, 1.0, 1.0]).expand_as(diff))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 
 import pytest
@@ -47,6 +48,21 @@ class TestEmbedMaskPaperVariant(MetaArchTestMixin):
         "MODEL.EMBEDMASK.MASK_BOX_CROP", "False",
     ]  # fmt: skip
     expected_loss_keys = LOSS_KEYS | {"loss_smooth"}
+
+
+class TestEmbedMaskOfficialConventions(MetaArchTestMixin):
+    """The config defaults the shapes config overrides: maskrcnn-benchmark boxes, FCOS's
+    smoothed GIoU, v2's padded-grid mask resize."""
+
+    config_file = SHAPES_CFG
+    task = "instance"
+    overrides = [
+        *SMALL,
+        "MODEL.FCOS.BOX_CONVENTION", "maskrcnn-benchmark",
+        "MODEL.FCOS.IOU_LOSS_SMOOTH", "1.0",
+        "MODEL.EMBEDMASK.MASK_RESIZE", "padded",
+    ]  # fmt: skip
+    expected_loss_keys = LOSS_KEYS
 
 
 def test_all_positives_sampling_trains():
@@ -110,9 +126,56 @@ def test_masks_are_resized_from_the_stride4_map_and_cropped_to_boxes():
     assert not out.pred_masks[0, :14].any() and not out.pred_masks[0, 34:].any()
     assert not out.pred_masks[0, :, :30].any() and not out.pred_masks[0, :, 58:].any()
     torch.testing.assert_close(out.pred_boxes.tensor, torch.tensor([[32.0, 16.0, 56.0, 32.0]]))
-    # box crop: box 16..28 x 8..16 -> cells 4..7 x 2..4, padded by 2 cells
-    full = torch.zeros(1, 8, 12)
-    cropped = model._crop_to_boxes(full, det.pred_boxes.tensor)
-    inside = torch.zeros(8, 12, dtype=torch.bool)
-    inside[0:7, 2:10] = True
-    assert ((cropped[0] == 0) == inside).all()
+
+
+def test_box_crop_is_the_official_half_open_window():
+    """v2's op fills cells [x0, x1) x [y0, y1), x0 = max(int(x1_box / 4) - 2, 0),
+    x1 = min(int(x2_box / 4) + 2, W')."""
+    cfg = get_cfg()
+    merge_config(cfg, os.path.join(REPO, SHAPES_CFG), SMALL)
+    model = build_model(cfg)
+    boxes = torch.tensor([[16.0, 8.0, 28.0, 16.0], [40.0, 20.0, 47.0, 31.0]])
+    cropped = model._crop_to_boxes(torch.zeros(2, 8, 12), boxes)
+    inside = torch.zeros(2, 8, 12, dtype=torch.bool)
+    inside[0, 0:6, 2:9] = True  # x: 16/4 - 2 = 2 .. 28/4 + 2 = 9; y: max(2 - 2, 0) .. 4 + 2 = 6
+    inside[1, 3:8, 8:12] = True  # x: 10 - 2 = 8 .. min(11 + 2, 12); y: 5 - 2 = 3 .. min(9, 8)
+    assert torch.equal(cropped == 0, inside)
+    assert (cropped[~inside] == -10).all()
+
+
+def test_padded_mask_resize_is_v2s_evaluator():
+    """MASK_RESIZE padded: the padded grid to ceil(8 * 4 * 50 / 30) x ceil(12 * 4 * 70 / 45) =
+    54 x 75, bilinear, then the top-left 50 x 70; boxes scaled, then x2, y2 + 1, not clipped."""
+    from detectron2.structures import Boxes, Instances
+    from torch.nn import functional as F
+
+    cfg = get_cfg()
+    merge_config(cfg, os.path.join(REPO, SHAPES_CFG), SMALL)
+    cfg.MODEL.EMBEDMASK.MASK_RESIZE = "padded"
+    cfg.MODEL.FCOS.BOX_CONVENTION = "maskrcnn-benchmark"
+    model = build_model(cfg)
+    det = Instances((30, 45))
+    det.pred_boxes = Boxes(torch.tensor([[16.0, 8.0, 44.0, 29.0]]))
+    det.scores, det.pred_classes = torch.tensor([0.9]), torch.tensor([2])
+    log_prob = torch.randn(1, 8, 12, generator=torch.Generator().manual_seed(0))
+    out = model._postprocess(det, log_prob, (30, 45), (50, 70))
+    ref = F.interpolate(log_prob[None], size=(54, 75), mode="bilinear", align_corners=False)
+    assert torch.equal(out.pred_masks, ref[0, :, :50, :70] > math.log(0.53))
+    rx, ry = 70 / 45, 50 / 30
+    expected = torch.tensor([[16 * rx, 8 * ry, 44 * rx + 1, 29 * ry + 1]])
+    torch.testing.assert_close(out.pred_boxes.tensor, expected)
+    model.mask_resize = "exact"  # the exact mapping differs (6.67 vs 6.75 output px per cell)
+    assert not torch.equal(model._postprocess(det, log_prob, (30, 45), (50, 70)).pred_masks,
+                           out.pred_masks)  # fmt: skip
+
+
+def test_float64_inference_runs():
+    cfg = get_cfg()
+    merge_config(cfg, os.path.join(REPO, SHAPES_CFG), [*SMALL, "MODEL.FCOS.INFERENCE_TH", "0.0"])
+    for convention in ("maskrcnn-benchmark", "detectron2"):
+        cfg.MODEL.FCOS.BOX_CONVENTION = convention
+        model = build_model(cfg).double().eval()
+        batch = make_batch("instance", [2, 1], 5, with_targets=False)  # GN: > 1 value on P7
+        with torch.no_grad():
+            out = model(batch)[0]["instances"]
+        assert len(out) > 0 and out.scores.dtype == torch.float64

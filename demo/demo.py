@@ -55,10 +55,16 @@ WINDOW = "QuerySeg"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", nargs="+", required=True, metavar="FILE",
-                   help="one config, or several for the comparison grid")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config-file",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="one config, or several for the comparison grid",
+    )
     p.add_argument("--weights", nargs="+", help="one checkpoint per config (else MODEL.WEIGHTS)")
     p.add_argument("--labels", nargs="+", help="grid labels, one per config (default: stems)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -67,12 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--webcam", action="store_true", help="camera 0")
     p.add_argument("--output", help="a folder (or one image/video file); default: show a window")
     p.add_argument("--confidence-threshold", type=float, default=0.5)
-    p.add_argument("--task", default="auto", choices=["auto", "instance", "panoptic", "semantic"],
-                   help="which output to draw (auto: panoptic, else instance, else semantic)")
+    p.add_argument(
+        "--task",
+        default="auto",
+        choices=["auto", "instance", "panoptic", "semantic"],
+        help="which output to draw (auto: panoptic, else instance, else semantic)",
+    )
     p.add_argument("--grid-cols", type=int, help="panels per grid row (default: all in one)")
     p.add_argument("--max-frames", type=int, default=0, help="video/webcam: stop after N")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                   help="KEY VALUE config overrides, applied to every config")
+    p.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="KEY VALUE config overrides, applied to every config",
+    )
     return p
 
 
@@ -81,8 +95,11 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     paths, errors = [], []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item)
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(
+                os.path.join(item, f)
+                for f in os.listdir(item)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
             if not found:
                 errors.append(f"{item}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths += found
@@ -116,8 +133,11 @@ def build_demos(args: argparse.Namespace) -> list[SegmentationDemo]:
     demos = []
     for cfg_file, w, label in zip(configs, weights, labels):
         cfg = setup_cfg(cfg_file, w, args.opts, args.confidence_threshold)
-        demos.append(SegmentationDemo(cfg, label=label, task=args.task,
-                                      confidence_threshold=args.confidence_threshold))
+        demos.append(
+            SegmentationDemo(
+                cfg, label=label, task=args.task, confidence_threshold=args.confidence_threshold
+            )
+        )
     return demos
 
 
@@ -162,8 +182,9 @@ def run_images(demos: list[SegmentationDemo], args: argparse.Namespace) -> int:
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     if errors:
-        print(f"error: {len(errors)} input(s) failed; {written} overlay(s) written",
-              file=sys.stderr)
+        print(
+            f"error: {len(errors)} input(s) failed; {written} overlay(s) written", file=sys.stderr
+        )
     return len(errors)
 
 
@@ -177,8 +198,9 @@ def run_video(demos: list[SegmentationDemo], args: argparse.Namespace) -> int:
     fps = capture.get(cv2.CAP_PROP_FPS) or 15.0
     writer = None
     try:
-        for frame in tqdm.tqdm(frames(capture, args.max_frames), disable=not args.output,
-                               desc="frames"):
+        for frame in tqdm.tqdm(
+            frames(capture, args.max_frames), disable=not args.output, desc="frames"
+        ):
             out = render_frame(demos, frame, args.grid_cols)
             if args.output:
                 if writer is None:

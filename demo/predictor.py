@@ -21,7 +21,9 @@ logger = logging.getLogger("queryseg.demo")
 
 
 def setup_cfg(
-    config_file: str, weights: str | None = None, opts: Sequence[str] = (),
+    config_file: str,
+    weights: str | None = None,
+    opts: Sequence[str] = (),
     confidence_threshold: float = 0.5,
 ) -> CfgNode:
     """The frozen config of one demo model.
@@ -50,7 +52,11 @@ class SegmentationDemo:
     """One model of the demo: predictions and their overlays for BGR images."""
 
     def __init__(
-        self, cfg: CfgNode, *, label: str = "", task: str = "auto",
+        self,
+        cfg: CfgNode,
+        *,
+        label: str = "",
+        task: str = "auto",
         confidence_threshold: float = 0.5,
     ):
         """
@@ -87,8 +93,13 @@ class SegmentationDemo:
             (the model's output dict at [H,W], [H,W,3] uint8 RGB overlay).
         """
         outputs = self.predictor(image_bgr)
-        overlay = draw_predictions(image_bgr[:, :, ::-1], outputs, self.metadata,
-                                   task=self.task, score_threshold=self.threshold)
+        overlay = draw_predictions(
+            image_bgr[:, :, ::-1],
+            outputs,
+            self.metadata,
+            task=self.task,
+            score_threshold=self.threshold,
+        )
         return outputs, overlay
 
     def drawn_task(self, outputs: dict[str, Any]) -> str:

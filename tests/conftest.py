@@ -12,7 +12,8 @@
       ``val_panoptic`` (standard panoptic + semantic labels), ``train_panoptic_separated``,
       ``val_panoptic_separated`` (Panoptic FPN), ``sem_seg_train``, ``sem_seg_val`` (ADE20K style).
     - ``preset``: "standard" (the default); ``shapes_tiny_hard`` is the same under "hard".
-    - ``cfg_opts``: ``["DATASETS.SHAPES.PRESET", "standard", "DATASETS.SHAPES.IMAGE_SIZE", ...]`` overrides that make
+    - ``cfg_opts``: ``["DATASETS.SHAPES.PRESET", "standard", "DATASETS.SHAPES.IMAGE_SIZE", ...]``
+      overrides that make
       ``configure_shapes_from_cfg`` (train_net.py) resolve to this very folder when
       DETECTRON2_DATASETS points at ``root`` (see ``shapes_tiny_env``).
 
@@ -77,8 +78,8 @@ def shapes_tiny(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 @pytest.fixture(scope="session")
 def shapes_tiny_hard(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """``shapes_tiny`` under the ``hard`` preset (names ``shapes_tiny_hard_*``)."""
-    return _tiny_shapes(str(tmp_path_factory.mktemp("datasets")), "shapes_tiny_hard", "hard")
+    """``shapes_tiny`` under the ``hard`` preset (names ``shapes_tinyhard_*``)."""
+    return _tiny_shapes(str(tmp_path_factory.mktemp("datasets")), "shapes_tinyhard", "hard")
 
 
 @pytest.fixture

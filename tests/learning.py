@@ -36,8 +36,17 @@ def train_and_evaluate(
         os.path.join(REPO, config_file),
         # a fixed seed (a test may override it): the CPU run is then repeatable, so a threshold
         # that passes with margin keeps passing
-        ["SEED", "42", *overrides, "OUTPUT_DIR", output_dir, "MODEL.DEVICE", "cpu",
-         "TEST.EVAL_PERIOD", "0"],  # fmt: skip
+        [
+            "SEED",
+            "42",
+            *overrides,
+            "OUTPUT_DIR",
+            output_dir,
+            "MODEL.DEVICE",
+            "cpu",
+            "TEST.EVAL_PERIOD",
+            "0",
+        ],  # fmt: skip
     )
     cfg.freeze()
     configure_shapes_from_cfg(cfg, generate=True)

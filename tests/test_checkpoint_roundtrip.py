@@ -72,8 +72,18 @@ def test_eval_only_reproduces_the_training_run(method, trained, datasets_root, t
 def test_checkpoint_of_another_method_is_refused(trained, datasets_root, tmp_path):
     out, _ = trained("embedmask")
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "train_net.py", "--config-file", METHODS["fastinst"], "--eval-only",
-           *RUN, "MODEL.WEIGHTS", str(out / "model_final.pth"), "OUTPUT_DIR", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "train_net.py",
+        "--config-file",
+        METHODS["fastinst"],
+        "--eval-only",
+        *RUN,
+        "MODEL.WEIGHTS",
+        str(out / "model_final.pth"),
+        "OUTPUT_DIR",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "is a checkpoint of EmbedMask, but the config builds FastInst" in proc.stderr

@@ -12,9 +12,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK_RCNN = "common/configs/baselines/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml"
 PANOPTIC_FPN = "common/configs/baselines/panoptic_fpn_R_18_gn_scratch_shapes.yaml"
 TINY = [
-    "DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "16",
-    "DATASETS.SHAPES.NUM_VAL", "4", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", "SOLVER.WARMUP_ITERS", "1",
+    "DATASETS.SHAPES.IMAGE_SIZE",
+    "64",
+    "DATASETS.SHAPES.NUM_TRAIN",
+    "16",
+    "DATASETS.SHAPES.NUM_VAL",
+    "4",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "SOLVER.WARMUP_ITERS",
+    "1",
 ]
 
 
@@ -51,11 +64,13 @@ def test_single_process_trains_and_evaluates(tmp_path, datasets_root):
 
 def test_resume_continues_at_the_right_iteration(tmp_path, datasets_root):
     first = [*TINY, "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0"]
-    run_train_net(["--config-file", MASK_RCNN, *first, "SOLVER.MAX_ITER", "4"], tmp_path,
-                  datasets_root)
+    run_train_net(
+        ["--config-file", MASK_RCNN, *first, "SOLVER.MAX_ITER", "4"], tmp_path, datasets_root
+    )
     log = run_train_net(
         ["--config-file", MASK_RCNN, "--resume", *first, "SOLVER.MAX_ITER", "6"],
-        tmp_path, datasets_root,
+        tmp_path,
+        datasets_root,
     )
     assert "Starting training from iteration 4" in log
     iters = [m["iteration"] for m in read_metrics(tmp_path) if "total_loss" in m]
@@ -65,7 +80,8 @@ def test_resume_continues_at_the_right_iteration(tmp_path, datasets_root):
 def test_two_cpu_processes_over_gloo(tmp_path, datasets_root):
     log = run_train_net(
         ["--config-file", MASK_RCNN, "--num-gpus", "2", *TINY, "SOLVER.MAX_ITER", "2"],
-        tmp_path, datasets_root,
+        tmp_path,
+        datasets_root,
     )
     assert "copypaste: Task: segm" in log
     assert os.path.exists(tmp_path / "model_final.pth")
@@ -79,21 +95,39 @@ def test_panoptic_fpn_trains_and_evaluates(tmp_path, datasets_root):
 
 
 def test_eval_only_reloads_weights(tmp_path, datasets_root):
-    run_train_net(["--config-file", MASK_RCNN, *TINY, "SOLVER.MAX_ITER", "2"], tmp_path,
-                  datasets_root)
+    run_train_net(
+        ["--config-file", MASK_RCNN, *TINY, "SOLVER.MAX_ITER", "2"], tmp_path, datasets_root
+    )
     log = run_train_net(
-        ["--config-file", MASK_RCNN, "--eval-only", *TINY,
-         "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")],
-        tmp_path / "eval", datasets_root,
+        [
+            "--config-file",
+            MASK_RCNN,
+            "--eval-only",
+            *TINY,
+            "MODEL.WEIGHTS",
+            str(tmp_path / "model_final.pth"),
+        ],
+        tmp_path / "eval",
+        datasets_root,
     )
     assert "copypaste: Task: segm" in log
 
 
 def test_unknown_dataset_name_is_reported(tmp_path, datasets_root):
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root))
-    cmd = [sys.executable, "train_net.py", "--config-file", MASK_RCNN, *TINY,
-           "DATASETS.TRAIN", "('shapes_trian',)", "SOLVER.MAX_ITER", "1",
-           "OUTPUT_DIR", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "train_net.py",
+        "--config-file",
+        MASK_RCNN,
+        *TINY,
+        "DATASETS.TRAIN",
+        "('shapes_trian',)",
+        "SOLVER.MAX_ITER",
+        "1",
+        "OUTPUT_DIR",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "shapes_trian" in proc.stderr

@@ -163,7 +163,11 @@ def validate(ablation: Ablation, measurer: Measurer) -> None:
 
 
 def run_ablation(
-    ablation: Ablation, settings: Any, output_dir: str, *, progress: bool = True,
+    ablation: Ablation,
+    settings: Any,
+    output_dir: str,
+    *,
+    progress: bool = True,
     only: Sequence[str] | None = None,
 ) -> list[dict]:
     """Run every variant and write ``ablation.{md,csv,png}`` under ``output_dir``.
@@ -174,10 +178,20 @@ def run_ablation(
     os.makedirs(output_dir, exist_ok=True)
     validate(ablation, Measurer(settings, output_dir))
     notes = [f"base config `{ablation.base}`" + (f"; {ablation.note}" if ablation.note else "")]
-    notes += [f"{n}: `{' '.join(ov) or '(base)'}`" for n, ov in ablation.variants.items()
-              if not only or n in only]
-    rows, _ = run_entries(ablation.entries(only), settings, output_dir, title=ablation.title,
-                          progress=progress, notes=notes, stem="ablation")
+    notes += [
+        f"{n}: `{' '.join(ov) or '(base)'}`"
+        for n, ov in ablation.variants.items()
+        if not only or n in only
+    ]
+    rows, _ = run_entries(
+        ablation.entries(only),
+        settings,
+        output_dir,
+        title=ablation.title,
+        progress=progress,
+        notes=notes,
+        stem="ablation",
+    )
     return rows
 
 
@@ -188,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ablation", nargs="?", help="a definition name (tools/ablations/) or path")
     p.add_argument("--list", action="store_true", help="list the shipped definitions")
     p.add_argument("--config", help="ad-hoc: base config (with --variant)")
-    p.add_argument("--variant", action="append", default=[],
-                   help="ad-hoc: 'label=KEY VALUE ...' (repeatable)")
+    p.add_argument(
+        "--variant", action="append", default=[], help="ad-hoc: 'label=KEY VALUE ...' (repeatable)"
+    )
     p.add_argument("--variants", nargs="+", help="run only these variants of the definition")
     p.add_argument("--schedule", default="quick", choices=sorted(SCHEDULES))
     p.add_argument("--max-iter", type=int)
@@ -222,20 +237,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         raise SystemExit("give an ablation name/path, --list, or --config with --variant")
     if not os.path.isfile(ablation.base_path):
-        print(f"note: ablation {ablation.name!r} not run: its base config {ablation.base} is not "
-              "present yet", file=sys.stderr)
+        print(
+            f"note: ablation {ablation.name!r} not run: its base config {ablation.base} is not "
+            "present yet",
+            file=sys.stderr,
+        )
         return 2
     output = args.output or os.path.join(REPO, "output", "ablations", ablation.name)
     setup_logging(output)
     settings = settings_for(
-        args.schedule, max_iter=args.max_iter, ims_per_batch=args.ims_per_batch,
-        num_workers=args.num_workers, input_size=args.input_size, num_train=args.num_train,
-        num_val=args.num_val, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+        args.schedule,
+        max_iter=args.max_iter,
+        ims_per_batch=args.ims_per_batch,
+        num_workers=args.num_workers,
+        input_size=args.input_size,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=args.threads,
         opts=tuple(args.opts or ()),
     )
     t0 = time.perf_counter()
-    rows = run_ablation(ablation, settings, output, progress=not args.no_progress,
-                        only=args.variants)
+    rows = run_ablation(
+        ablation, settings, output, progress=not args.no_progress, only=args.variants
+    )
     with open(os.path.join(output, "ablation.md")) as f:
         print(f.read())
     print(f"wrote {output}/ablation.{{md,csv,png}} in {time.perf_counter() - t0:.0f} s")

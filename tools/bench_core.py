@@ -52,6 +52,7 @@ GRID_IMAGES, GRID_PANEL = 4, 256
 _TRAIN_COST_PER_IMAGE = 3.0
 _FLOPS_COST = 3.0
 
+
 class _ProgressHook(HookBase):
     def __init__(self, advance: Callable[[float], None], units: float):
         self._advance, self._units = advance, units
@@ -104,15 +105,31 @@ class Measurer:
         cfg = get_cfg()
         merge_config(cfg, entry.path, list(entry.overrides))
         forced: list[Any] = [
-            "SEED", s.seed, "DATASETS.SHAPES.PRESET", s.preset, "DATALOADER.NUM_WORKERS", s.num_workers,
-            "INPUT.MIN_SIZE_TEST", s.input_size,
-            "INPUT.MAX_SIZE_TEST", max(cfg.INPUT.MAX_SIZE_TEST, s.input_size),
-            "TEST.EVAL_PERIOD", 0, "OUTPUT_DIR", output_dir, "MODEL.DEVICE", self.device.type,
+            "SEED",
+            s.seed,
+            "DATASETS.SHAPES.PRESET",
+            s.preset,
+            "DATALOADER.NUM_WORKERS",
+            s.num_workers,
+            "INPUT.MIN_SIZE_TEST",
+            s.input_size,
+            "INPUT.MAX_SIZE_TEST",
+            max(cfg.INPUT.MAX_SIZE_TEST, s.input_size),
+            "TEST.EVAL_PERIOD",
+            0,
+            "OUTPUT_DIR",
+            output_dir,
+            "MODEL.DEVICE",
+            self.device.type,
         ]
         old_batch = cfg.SOLVER.IMS_PER_BATCH
         if s.ims_per_batch and old_batch != s.ims_per_batch:  # linear LR scaling rule
-            forced += ["SOLVER.IMS_PER_BATCH", s.ims_per_batch,
-                       "SOLVER.BASE_LR", cfg.SOLVER.BASE_LR * s.ims_per_batch / old_batch]
+            forced += [
+                "SOLVER.IMS_PER_BATCH",
+                s.ims_per_batch,
+                "SOLVER.BASE_LR",
+                cfg.SOLVER.BASE_LR * s.ims_per_batch / old_batch,
+            ]
         old_iter = cfg.SOLVER.MAX_ITER
         new_iter = s.max_iter or old_iter
         if entry.weights is not None:
@@ -120,13 +137,25 @@ class Measurer:
         if new_iter != old_iter:
             r = new_iter / old_iter
             # LR steps and warm-up keep their place in the schedule (steps must stay < MAX_ITER)
-            steps = tuple(step for step in (int(round(x * r)) for x in cfg.SOLVER.STEPS)
-                          if 0 < step < new_iter)
-            forced += ["SOLVER.MAX_ITER", new_iter, "SOLVER.STEPS", steps,
-                       "SOLVER.WARMUP_ITERS", int(round(cfg.SOLVER.WARMUP_ITERS * r))]
+            steps = tuple(
+                step
+                for step in (int(round(x * r)) for x in cfg.SOLVER.STEPS)
+                if 0 < step < new_iter
+            )
+            forced += [
+                "SOLVER.MAX_ITER",
+                new_iter,
+                "SOLVER.STEPS",
+                steps,
+                "SOLVER.WARMUP_ITERS",
+                int(round(cfg.SOLVER.WARMUP_ITERS * r)),
+            ]
         forced += ["SOLVER.CHECKPOINT_PERIOD", max(new_iter, 1) * 10]  # final checkpoint only
-        for key, value in (("IMAGE_SIZE", s.image_size), ("NUM_TRAIN", s.num_train),
-                           ("NUM_VAL", s.num_val)):
+        for key, value in (
+            ("IMAGE_SIZE", s.image_size),
+            ("NUM_TRAIN", s.num_train),
+            ("NUM_VAL", s.num_val),
+        ):
             if value is not None:
                 forced += [f"DATASETS.SHAPES.{key}", value]
         merge_config(cfg, None, [str(x) for x in forced] + list(s.opts))
@@ -146,8 +175,14 @@ class Measurer:
         except Exception:  # reported when the entry runs; any estimate will do here
             return 1.0, 1.0
         iters = s.timing_iters if entry.weights is not None else cfg.SOLVER.MAX_ITER
-        passes = (iters * cfg.SOLVER.IMS_PER_BATCH * _TRAIN_COST_PER_IMAGE
-                  + cfg.DATASETS.SHAPES.NUM_VAL + s.warmup + s.repeats + _FLOPS_COST + 1)
+        passes = (
+            iters * cfg.SOLVER.IMS_PER_BATCH * _TRAIN_COST_PER_IMAGE
+            + cfg.DATASETS.SHAPES.NUM_VAL
+            + s.warmup
+            + s.repeats
+            + _FLOPS_COST
+            + 1
+        )
         try:
             image = torch.randint(0, 256, (3, s.input_size, s.input_size), dtype=torch.uint8)
             inputs = [{"image": image, "height": s.input_size, "width": s.input_size}]
@@ -188,9 +223,13 @@ class Measurer:
         name = cfg.DATASETS.TEST[0]
         dicts = DatasetCatalog.get(name)
         if self._grid_files is None:
+
             def things(d: dict) -> int:
-                return len(d.get("annotations") or
-                           [s for s in d.get("segments_info", []) if s.get("isthing")])
+                return len(
+                    d.get("annotations")
+                    or [s for s in d.get("segments_info", []) if s.get("isthing")]
+                )
+
             busy = [d for d in dicts if things(d) >= 2] or dicts
             self._grid_files = [d["file_name"] for d in busy[:GRID_IMAGES]]
         by_stem = {os.path.splitext(os.path.basename(d["file_name"]))[0]: d for d in dicts}
@@ -208,15 +247,20 @@ class Measurer:
                 inputs.pop("sem_seg", None)
                 inputs["height"], inputs["width"] = image.shape[:2]
                 outputs = model([inputs])[0]
-                preds.append(draw_predictions(image, outputs, meta, score_threshold=0.5,
-                                              scale=scale))
-                gt = {k: v for k, v in d.items() if k != "sem_seg_file_name" or
-                      "pan_seg_file_name" not in d}  # panoptic: draw the segments once
+                preds.append(
+                    draw_predictions(image, outputs, meta, score_threshold=0.5, scale=scale)
+                )
+                gt = {
+                    k: v
+                    for k, v in d.items()
+                    if k != "sem_seg_file_name" or "pan_seg_file_name" not in d
+                }  # panoptic: draw the segments once
                 gts.append(draw_ground_truth(image, gt, meta, scale=scale))
         return preds, gts
 
-    def train(self, cfg, entry: Any, advance: Callable[[float], None],
-              checkpoint: str | None = None):
+    def train(
+        self, cfg, entry: Any, advance: Callable[[float], None], checkpoint: str | None = None
+    ):
         """Train (or time ``timing_iters`` iterations and load ``entry.weights``; or, given
         ``checkpoint``, the row's own training done elsewhere, just load it).
 
@@ -272,8 +316,9 @@ class Measurer:
         for name in cfg.DATASETS.TEST:
             loader = Trainer.build_test_loader(cfg, name)
             evaluator = Trainer.build_evaluator(cfg, name)
-            res = inference_on_dataset(model, loader, evaluator,
-                                       callbacks={"after_inference": lambda: advance(1)})
+            res = inference_on_dataset(
+                model, loader, evaluator, callbacks={"after_inference": lambda: advance(1)}
+            )
             for task, metrics in (res or {}).items():
                 results.setdefault(task, metrics)
         return results
@@ -287,14 +332,19 @@ class Measurer:
         else:
             sched = f"{s.schedule}: each config's own schedule ({', '.join(map(str, iters))} it.)"
         if self.weight_rows:
-            sched += (f"; rows with a checkpoint ({', '.join(sorted(self.weight_rows))}): "
-                      f"{s.timing_iters} timed training iterations, then the checkpoint")
+            sched += (
+                f"; rows with a checkpoint ({', '.join(sorted(self.weight_rows))}): "
+                f"{s.timing_iters} timed training iterations, then the checkpoint"
+            )
         return {
             "device": _device_name(self.device),
             "torch": torch.__version__,
             "threads": str(torch.get_num_threads()),
-            "seed": (f"{', '.join(map(str, s.seeds))} (one run per seed; mean ± std)"
-                     if len(s.seeds) > 1 else str(s.seed)),
+            "seed": (
+                f"{', '.join(map(str, s.seeds))} (one run per seed; mean ± std)"
+                if len(s.seeds) > 1
+                else str(s.seed)
+            ),
             "loader": f"{s.ims_per_batch} images/batch, {s.num_workers} workers",
             "schedule": sched,
             "dataset": "; ".join(sorted(self.datasets)) or "?",
@@ -304,8 +354,13 @@ class Measurer:
             "gflops": "fvcore, 1 multiply-add = 1 FLOP, uncounted ops listed in log.txt",
             "memory": self.memory_method,
             "train_s_iter": "median per-iteration time, data loading incl., first 3 excluded"
-            + (f"; {self.parallel} rows trained at once, {max(1, (os.cpu_count() or 1) // self.parallel)}"
-               " thread(s) each" if self.parallel > 1 else ""),
+            + (
+                f"; {self.parallel} rows trained at once, "
+                f"{max(1, (os.cpu_count() or 1) // self.parallel)}"
+                " thread(s) each"
+                if self.parallel > 1
+                else ""
+            ),
             "elapsed": f"{elapsed_s / 60:.1f} min",
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
@@ -356,8 +411,7 @@ def train_parallel(
     threads = max(1, (os.cpu_count() or 1) // workers)
     done: dict[int, tuple[str, float] | str] = {}
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_job, s, e, d, threads): i for i, (s, e, d) in
-                   enumerate(jobs)}
+        futures = {pool.submit(_train_job, s, e, d, threads): i for i, (s, e, d) in enumerate(jobs)}
         for fut in cf.as_completed(futures):
             i = futures[fut]
             try:
@@ -370,14 +424,21 @@ def train_parallel(
 
 
 def measure_row(
-    measurer: Measurer, entry: Any, bar: Any, tag: str = "",
+    measurer: Measurer,
+    entry: Any,
+    bar: Any,
+    tag: str = "",
     trained: tuple[str, float] | str | None = None,
 ) -> dict[str, Any]:
     """Run and measure one entry; a failure is logged and recorded in the row's ``error``.
     ``tag`` (e.g. the seed) is appended to the row's output folder; ``trained`` is the row's
     (checkpoint, s/iter) from ``train_parallel`` (or its error), so it is not trained here."""
-    row: dict[str, Any] = {"name": entry.name, "method": entry.method or entry.name,
-                           "config": entry.config, "weights": entry.weights or ""}
+    row: dict[str, Any] = {
+        "name": entry.name,
+        "method": entry.method or entry.name,
+        "config": entry.config,
+        "weights": entry.weights or "",
+    }
     row.update({k: None for k, _ in COLUMNS[1:]})
     row["task"] = "?"
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -391,8 +452,10 @@ def measure_row(
         cfg.freeze()
         configure_shapes_from_cfg(cfg, generate=True)
         sh = cfg.DATASETS.SHAPES
-        measurer.datasets.add(f"shapes, preset {sh.PRESET}, {sh.IMAGE_SIZE} px, {sh.NUM_TRAIN} "
-                              f"train / {sh.NUM_VAL} val images")
+        measurer.datasets.add(
+            f"shapes, preset {sh.PRESET}, {sh.IMAGE_SIZE} px, {sh.NUM_TRAIN} "
+            f"train / {sh.NUM_VAL} val images"
+        )
         sizes = tuple(cfg.INPUT.MIN_SIZE_TRAIN)
         measurer.train_sizes.add(f"{sizes} max {cfg.INPUT.MAX_SIZE_TRAIN}")
         if entry.weights is None:
@@ -405,12 +468,20 @@ def measure_row(
             row["train_s_iter"] = trained[1]
         else:
             model, row["train_s_iter"] = measurer.train(cfg, entry, bar.advance)
-        logger.info("%s: trained in %.0f s wall, %.0f s CPU", entry.name,
-                    time.perf_counter() - wall0, time.process_time() - cpu0)
+        logger.info(
+            "%s: trained in %.0f s wall, %.0f s CPU",
+            entry.name,
+            time.perf_counter() - wall0,
+            time.process_time() - cpu0,
+        )
         bar.stage("evaluate")
         results = measurer.evaluate(cfg, model, bar.advance)
-        logger.info("%s: evaluated, %.0f s wall, %.0f s CPU so far", entry.name,
-                    time.perf_counter() - wall0, time.process_time() - cpu0)
+        logger.info(
+            "%s: evaluated, %.0f s wall, %.0f s CPU so far",
+            entry.name,
+            time.perf_counter() - wall0,
+            time.process_time() - cpu0,
+        )
         metrics = extract_metrics(results)
         for k, v in metrics.items():
             if v is not None and math.isnan(v):  # Detectron2's "no predictions from the model"
@@ -422,8 +493,7 @@ def measure_row(
             try:
                 row["_panels"], row["_gt_panels"] = measurer.panels(cfg, model)
             except Exception as e:  # a picture is not worth losing the row's numbers
-                logger.warning("%s: no Visualizer panels (%s: %s)", entry.name,
-                               type(e).__name__, e)
+                logger.warning("%s: no Visualizer panels (%s: %s)", entry.name, type(e).__name__, e)
         model.eval()
         inputs = measurer.latency_inputs(cfg)
         row["params_m"] = count_parameters(model) / 1e6
@@ -440,12 +510,17 @@ def measure_row(
         dev = measurer.device
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
         with torch.no_grad():
-            stats = measure_latency(lambda: model(inputs), warmup=measurer.settings.warmup,
-                                    repeats=measurer.settings.repeats, synchronize=sync,
-                                    on_call=lambda: bar.advance(1))
+            stats = measure_latency(
+                lambda: model(inputs),
+                warmup=measurer.settings.warmup,
+                repeats=measurer.settings.repeats,
+                synchronize=sync,
+                on_call=lambda: bar.advance(1),
+            )
             row["latency_ms"] = stats.median_ms
             row["memory_mb"], measurer.memory_method = peak_memory_mb(
-                lambda: model(inputs), model, dev)
+                lambda: model(inputs), model, dev
+            )
         bar.advance(1)
         if row["train_s_iter"] is None:
             row["train_s_iter"] = float("nan")
@@ -458,8 +533,13 @@ def measure_row(
     # wall and this process's CPU seconds: on a shared machine CPU / threads estimates idle wall
     row["wall_s"] = time.perf_counter() - wall0
     row["cpu_s"] = time.process_time() - cpu0
-    logger.info("%s: %.0f s wall, %.0f s CPU (train %s s/iter)", entry.name, row["wall_s"],
-                row["cpu_s"], fmt(row["train_s_iter"], 3))
+    logger.info(
+        "%s: %.0f s wall, %.0f s CPU (train %s s/iter)",
+        entry.name,
+        row["wall_s"],
+        row["cpu_s"],
+        fmt(row["train_s_iter"], 3),
+    )
     bar.finish_row()
     return row
 
@@ -505,8 +585,12 @@ class Progress:
 
         self._weights = [w for _, w in costs]
         self._costs = [p * w for p, w in costs]
-        self._bar = tqdm(total=sum(self._costs), disable=not enabled, smoothing=0.0,
-                         bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+        self._bar = tqdm(
+            total=sum(self._costs),
+            disable=not enabled,
+            smoothing=0.0,
+            bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
+        )
         self.row_index, self._row_name, self._done_before = 0, "", 0.0
         self.done = 0.0  # units done (tqdm stops counting when disabled)
 

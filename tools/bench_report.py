@@ -24,10 +24,21 @@ COLUMNS = (
     ("PQ_th", "PQ things"),
     ("mIoU", "mIoU"),
 )
-_DIGITS = {"params_m": 2, "gflops": 2, "latency_ms": 1, "memory_mb": 0, "train_s_iter": 3,
-           "AP": 1, "box_AP": 1, "PQ": 1, "PQ_th": 1, "mIoU": 1}
+_DIGITS = {
+    "params_m": 2,
+    "gflops": 2,
+    "latency_ms": 1,
+    "memory_mb": 0,
+    "train_s_iter": 3,
+    "AP": 1,
+    "box_AP": 1,
+    "PQ": 1,
+    "PQ_th": 1,
+    "mIoU": 1,
+}
 #: the plot's y axis for each task
 PRIMARY = {"instance": "AP", "panoptic": "PQ", "semantic": "mIoU"}
+
 
 def fmt(value: Any, digits: int = 2) -> str:
     """A table cell: None -> "n/a" (not produced by this model), NaN -> "nan"."""
@@ -50,10 +61,11 @@ def ties(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     larger of the two rows' std over seeds): (metric, row a, row b)."""
     out = []
     for task, metric in PRIMARY.items():
-        group = [r for r in rows if r.get("task") == task and isinstance(r.get(f"{metric}_std"),
-                                                                          float)]
+        group = [
+            r for r in rows if r.get("task") == task and isinstance(r.get(f"{metric}_std"), float)
+        ]
         for i, a in enumerate(group):
-            for b in group[i + 1:]:
+            for b in group[i + 1 :]:
                 if abs(a[metric] - b[metric]) < 2 * max(a[f"{metric}_std"], b[f"{metric}_std"]):
                     out.append((metric, a["name"], b["name"]))
     return out
@@ -65,15 +77,19 @@ def render_markdown(
     """The Markdown table with its settings header and footnotes."""
     h = header
     lines = [
-        f"## {title}", "",
+        f"## {title}",
+        "",
         f"**Device** {h['device']} · torch {h['torch']} · {h['threads']} threads · "
-        f"{h['date']} · whole run {h['elapsed']}", "",
+        f"{h['date']} · whole run {h['elapsed']}",
+        "",
         f"**Same for every row:** seed {h['seed']} · loader {h['loader']} · schedule "
         f"{h['schedule']} · data {h['dataset']} · train short sides {h['train_sizes']} · "
-        f"test/latency/GFLOPs input {h['input']}", "",
+        f"test/latency/GFLOPs input {h['input']}",
+        "",
         f"**Latency** {h['latency']} · **GFLOPs** {h['gflops']} · **Peak mem** {h['memory']} · "
         f"**Train s/iter** {h['train_s_iter']} · **AP** mask AP (COCO) · **box AP** COCO · "
-        "**PQ** COCO panoptic, **PQ things** its thing classes · **mIoU** semantic", "",
+        "**PQ** COCO panoptic, **PQ things** its thing classes · **mIoU** semantic",
+        "",
         "| " + " | ".join(name for _, name in COLUMNS) + " |",
         "|" + "|".join(":---" if k in ("name", "task") else "---:" for k, _ in COLUMNS) + "|",
     ]
@@ -89,11 +105,18 @@ def render_markdown(
     foot += [f"{r['name']} failed: {r['error']}" for r in rows if r.get("error")]
     foot += [f"{r['name']}: {r['note']}" for r in rows if r.get("note")]
     foot += [f"tie ({m}, means closer than 2 std): {a} ≈ {b}" for m, a, b in ties(rows)]
-    foot += [f"{r['name']}: {k} per seed " + ", ".join(fmt(v, 1) for v in r[f"{k}_runs"])
-             for r in rows for k in ("AP", "PQ", "mIoU") if r.get(f"{k}_runs")]
+    foot += [
+        f"{r['name']}: {k} per seed " + ", ".join(fmt(v, 1) for v in r[f"{k}_runs"])
+        for r in rows
+        for k in ("AP", "PQ", "mIoU")
+        if r.get(f"{k}_runs")
+    ]
     foot += list(notes)
-    foot += [f"{r['name']}: `{_relpath(r['config'])}`"
-             + (f" with weights `{r['weights']}`" if r.get("weights") else "") for r in rows]
+    foot += [
+        f"{r['name']}: `{_relpath(r['config'])}`"
+        + (f" with weights `{r['weights']}`" if r.get("weights") else "")
+        for r in rows
+    ]
     lines += [f"- {n}" for n in foot]
     return "\n".join(lines) + "\n"
 
@@ -107,8 +130,15 @@ def _relpath(path: str) -> str:
 
 def write_csv(rows: Sequence[dict], header: dict[str, str], path: str) -> None:
     """One line per row: the table's columns (full precision), config, error, then the header."""
-    keys = [k for k, _ in COLUMNS] + ["wall_s", "cpu_s", "method", "config", "weights", "error",
-                                      "note"]
+    keys = [k for k, _ in COLUMNS] + [
+        "wall_s",
+        "cpu_s",
+        "method",
+        "config",
+        "weights",
+        "error",
+        "note",
+    ]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys + [f"setting_{k}" for k in header])
@@ -131,22 +161,40 @@ def plot_speed_accuracy(rows: Sequence[dict], path: str, *, title: str) -> None:
     def ok(x: Any) -> bool:
         return isinstance(x, (int, float)) and not math.isnan(x)
 
-    tasks = [t for t in ("instance", "panoptic", "semantic")
-             if any(r.get("task") == t and ok(r.get(PRIMARY[t])) for r in rows)]
-    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.2 * max(len(tasks), 1), 4.2),
-                             squeeze=False)
+    tasks = [
+        t
+        for t in ("instance", "panoptic", "semantic")
+        if any(r.get("task") == t and ok(r.get(PRIMARY[t])) for r in rows)
+    ]
+    fig, axes = plt.subplots(
+        1, max(len(tasks), 1), figsize=(5.2 * max(len(tasks), 1), 4.2), squeeze=False
+    )
     for ax, task in zip(axes[0], tasks):
         metric = PRIMARY[task]
-        pts = [r for r in rows if r.get("task") == task and ok(r.get(metric))
-               and ok(r.get("latency_ms"))]
+        pts = [
+            r
+            for r in rows
+            if r.get("task") == task and ok(r.get(metric)) and ok(r.get("latency_ms"))
+        ]
         for method in dict.fromkeys(r["method"] for r in pts):
             group = sorted((r for r in pts if r["method"] == method), key=lambda r: r["latency_ms"])
-            ax.errorbar([r["latency_ms"] for r in group], [r[metric] for r in group],
-                        yerr=[r.get(f"{metric}_std") or 0.0 for r in group], fmt="o-",
-                        label=method, markersize=7, capsize=3)
+            ax.errorbar(
+                [r["latency_ms"] for r in group],
+                [r[metric] for r in group],
+                yerr=[r.get(f"{metric}_std") or 0.0 for r in group],
+                fmt="o-",
+                label=method,
+                markersize=7,
+                capsize=3,
+            )
             for r in group:
-                ax.annotate(r["name"], (r["latency_ms"], r[metric]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))
+                ax.annotate(
+                    r["name"],
+                    (r["latency_ms"], r[metric]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
         ax.set_xlabel("latency (ms, batch 1)")
         ax.set_ylabel(metric)
         ax.set_title(f"{task}: {metric} vs latency", fontsize=10)

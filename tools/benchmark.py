@@ -287,14 +287,21 @@ def run_entries(
         # train in parallel, then evaluate and time each row alone (an otherwise idle machine)
         from common.data.shapes import configure_shapes_from_cfg
 
-        for i, seed in todo[:1]:  # generate the data once, before the workers start
+        for i, _seed in todo[:1]:  # generate the data once, before the workers start
             configure_shapes_from_cfg(measurer.build_cfg(entries[i], output_dir), generate=True)
-        jobs = [(replace(settings, seed=seed), entries[i],
-                 row_dir(output_dir, i, entries[i].name, tag(seed))) for i, seed in todo]
+        jobs = [
+            (
+                replace(settings, seed=seed),
+                entries[i],
+                row_dir(output_dir, i, entries[i].name, tag(seed)),
+            )
+            for i, seed in todo
+        ]
         costs = [measurer.cost(entries[i]) for i, _ in todo]
         logger.info("training %d rows, %d at a time", len(jobs), settings.jobs)
-        done = train_parallel(jobs, settings.jobs,
-                              on_done=lambda k: bar.advance(costs[k][0] * 0.9 / len(seeds)))
+        done = train_parallel(
+            jobs, settings.jobs, on_done=lambda k: bar.advance(costs[k][0] * 0.9 / len(seeds))
+        )
         trained = {todo[k]: v for k, v in done.items()}
         measurer.parallel = settings.jobs
     for i, entry in enumerate(entries):
@@ -302,8 +309,9 @@ def run_entries(
         runs = []
         for seed in seeds:
             measurer.settings = replace(settings, seed=seed)
-            runs.append(measure_row(measurer, entry, bar, tag=tag(seed),
-                                    trained=trained.get((i, seed))))
+            runs.append(
+                measure_row(measurer, entry, bar, tag=tag(seed), trained=trained.get((i, seed)))
+            )
         measurer.settings = settings
         row = aggregate_seeds(runs, seeds) if len(seeds) > 1 else runs[0]
         rows.append(row)
@@ -353,11 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, help="training iterations (overrides the schedule)")
     p.add_argument("--output", default=os.path.join(REPO, "output", "benchmark"))
     p.add_argument("--seed", type=int)
-    p.add_argument("--seeds", type=int, nargs="+",
-                   help="run every row once per seed; cells show mean ± std, ties are marked")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run every row once per seed; cells show mean ± std, ties are marked",
+    )
     p.add_argument("--preset", help="DATASETS.SHAPES.PRESET of every row (default: standard)")
-    p.add_argument("--all-rows", action="store_true",
-                   help="every default entry, also where the schedule shows fewer")
+    p.add_argument(
+        "--all-rows",
+        action="store_true",
+        help="every default entry, also where the schedule shows fewer",
+    )
     p.add_argument("--ims-per-batch", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--input-size", type=int)
@@ -368,8 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int)
     p.add_argument("--timing-iters", type=int)
     p.add_argument("--threads", type=int)
-    p.add_argument("--jobs", type=int, help="rows trained at once (worker processes, each with "
-                   "cores/jobs threads); evaluation and timing stay one row at a time")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="rows trained at once (worker processes, each with "
+        "cores/jobs threads); evaluation and timing stay one row at a time",
+    )
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--title", default="QuerySeg benchmark on shapes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -455,8 +474,10 @@ def schedule_rows(entries: Sequence[Entry], settings: Settings) -> tuple[list[En
         raise SystemExit(f"schedule {settings.schedule!r} names unknown rows {sorted(unknown)}")
     left = [e.name for e in entries if e.name not in settings.rows]
     shown = [e for e in entries if e.name in settings.rows]
-    note = (f"the {settings.schedule} schedule shows {len(shown)} of the {len(entries)} default "
-            f"rows (`--all-rows` for every one); not shown: {', '.join(left)}")
+    note = (
+        f"the {settings.schedule} schedule shows {len(shown)} of the {len(entries)} default "
+        f"rows (`--all-rows` for every one); not shown: {', '.join(left)}"
+    )
     return shown, [note]
 
 

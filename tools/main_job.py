@@ -40,7 +40,7 @@ def update_docs(output_dir: str, schedule: str) -> str:
     block = f"{start}\n{table}\n\n![speed-accuracy, {schedule}]({os.path.basename(plot)})\n{end}"
     text = open(DOCS).read() if os.path.isfile(DOCS) else "# Benchmark\n"
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     with open(DOCS, "w") as f:
@@ -52,19 +52,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--schedule", default="quick", choices=sorted(benchmark.SCHEDULES))
     p.add_argument("--output", help="default: output/main_job_<schedule>")
-    p.add_argument("--update-docs", action="store_true",
-                   help="write the table into docs/benchmark.md and copy the plot there")
+    p.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="write the table into docs/benchmark.md and copy the plot there",
+    )
     p.add_argument("--no-progress", action="store_true")
     args, extra = p.parse_known_args(argv)
     output = args.output or os.path.join(benchmark.REPO, "output", f"main_job_{args.schedule}")
     t0 = time.perf_counter()
-    rc = benchmark.main(["--schedule", args.schedule, "--output", output,
-                         "--title", f"QuerySeg on shapes ({args.schedule} schedule)",
-                         *(["--no-progress"] if args.no_progress else []), *extra])
+    rc = benchmark.main(
+        [
+            "--schedule",
+            args.schedule,
+            "--output",
+            output,
+            "--title",
+            f"QuerySeg on shapes ({args.schedule} schedule)",
+            *(["--no-progress"] if args.no_progress else []),
+            *extra,
+        ]
+    )
     print(f"main job ({args.schedule}) finished in {(time.perf_counter() - t0) / 60:.1f} min")
     if args.update_docs and os.path.isfile(os.path.join(output, "benchmark.md")):
-        print(f"updated {os.path.relpath(DOCS, benchmark.REPO)} and "
-              f"{os.path.relpath(update_docs(output, args.schedule), benchmark.REPO)}")
+        print(
+            f"updated {os.path.relpath(DOCS, benchmark.REPO)} and "
+            f"{os.path.relpath(update_docs(output, args.schedule), benchmark.REPO)}"
+        )
     return rc
 
 

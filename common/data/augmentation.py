@@ -48,8 +48,10 @@ def build_augmentation(cfg: CfgNode, is_train: bool) -> list[T.Augmentation]:
     augs: list[T.Augmentation] = []
     if cfg.INPUT.DETR_CROP.PROB > 0:
         chain = T.AugmentationList(
-            [T.ResizeShortestEdge(cfg.INPUT.DETR_CROP.SHORT_EDGES, sample_style="choice"),
-             _crop_aug(cfg)]
+            [
+                T.ResizeShortestEdge(cfg.INPUT.DETR_CROP.SHORT_EDGES, sample_style="choice"),
+                _crop_aug(cfg),
+            ]
         )
         augs.append(T.RandomApply(chain, prob=cfg.INPUT.DETR_CROP.PROB))
     augs.append(

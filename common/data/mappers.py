@@ -46,6 +46,7 @@ def register_mapper(name: str):
 
     return deco
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -225,8 +226,10 @@ class SemanticDatasetMapper(_BaseMapper):
             return dataset_dict
         sem_seg = sem_seg.astype(np.int64)
         classes = [int(c) for c in np.unique(sem_seg) if c != self.ignore_label]
-        masks = np.stack([sem_seg == c for c in classes]) if classes else np.zeros(
-            (0, *image_shape), bool
+        masks = (
+            np.stack([sem_seg == c for c in classes])
+            if classes
+            else np.zeros((0, *image_shape), bool)
         )
         dataset_dict["instances"] = _masks_to_instances(masks, classes, image_shape)
         dataset_dict["sem_seg"] = torch.as_tensor(sem_seg)

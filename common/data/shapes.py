@@ -1,9 +1,9 @@
 """The built-in synthetic ``shapes`` dataset: on-disk layout, lazy generation and registration.
 
-Scenes (see ``shapes_gen``): 5 thing classes (circle, triangle, rectangle, star, ring),
-occluding each other, over 4 stuff classes (sky, grass, water, sand); how hard they are is a
-named preset (``shapes_gen.PRESETS``: ``standard`` by default, ``hard`` for textured, small and
-heavily occluded shapes). Category ids are non-contiguous (things 1, 2, 4, 5, 7; stuff 10, 12, 13, 15); contiguous
+Scenes (see ``shapes_gen``): 5 thing classes (circle, triangle, rectangle, star, ring), occluding
+each other, over 4 stuff classes (sky, grass, water, sand); how hard they are is a named preset
+(``shapes_gen.PRESETS``: ``standard`` by default, ``hard`` for textured, small and heavily occluded
+shapes). Category ids are non-contiguous (things 1, 2, 4, 5, 7; stuff 10, 12, 13, 15); contiguous
 ids put things first, then stuff.
 
 Layout, under ``$DETECTRON2_DATASETS`` (default ``./datasets``), one folder per parameter set
@@ -214,7 +214,12 @@ def _generate_locked(spec: ShapesSpec, split: str, meta: dict | None) -> None:
     n = spec.num_images(split)
     logger.info(
         "Generating shapes split %r: %d images of %dpx (preset %s, seed %d) in %s",
-        split, n, spec.image_size, spec.preset, spec.seed, spec.dataset_dir,
+        split,
+        n,
+        spec.image_size,
+        spec.preset,
+        spec.seed,
+        spec.dataset_dir,
     )
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix=f".tmp-{split}-", dir=spec.dataset_dir)
@@ -231,12 +236,17 @@ def _generate_locked(spec: ShapesSpec, split: str, meta: dict | None) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     preset = dataclasses.asdict(gen.get_preset(spec.preset))
-    meta = meta or {**spec.params(), "preset_settings": preset, "categories": gen.CATEGORIES,
-                    "splits": {}}
+    meta = meta or {
+        **spec.params(),
+        "preset_settings": preset,
+        "categories": gen.CATEGORIES,
+        "splits": {},
+    }
     meta["splits"][split] = summary
     _write_meta(spec, meta)
-    logger.info("Generated shapes split %r in %.1f s: %s", split, time.perf_counter() - start,
-                summary)
+    logger.info(
+        "Generated shapes split %r in %.1f s: %s", split, time.perf_counter() - start, summary
+    )
 
 
 # ---- registration -----------------------------------------------------------------------------
@@ -282,8 +292,10 @@ def _separated_meta() -> dict:
     meta = _thing_meta()
     meta["stuff_classes"] = ["things"] + [c["name"] for c in stuff]
     meta["stuff_colors"] = [[82, 18, 128]] + [c["color"] for c in stuff]
-    meta["stuff_dataset_id_to_contiguous_id"] = {0: 0, **{c["id"]: i + 1 for i, c in
-                                                           enumerate(stuff)}}
+    meta["stuff_dataset_id_to_contiguous_id"] = {
+        0: 0,
+        **{c["id"]: i + 1 for i, c in enumerate(stuff)},
+    }
     return meta
 
 
@@ -358,15 +370,24 @@ def register_shapes(
         _make_lazy(inst, spec, split)
 
         register_coco_panoptic(
-            pan, {**_thing_meta(), **_all_classes_as_stuff()}, image_root, pan_root, pan_json,
+            pan,
+            {**_thing_meta(), **_all_classes_as_stuff()},
+            image_root,
+            pan_root,
+            pan_json,
             inst_json,
         )
         MetadataCatalog.get(pan).set(sem_seg_root=sem_root)
         _make_lazy(pan, spec, split, add_sem_seg=True)
 
         register_coco_panoptic_separated(
-            pan, _separated_meta(), image_root, pan_root, pan_json,
-            spec.path(split, "panoptic_stuff_root"), inst_json,
+            pan,
+            _separated_meta(),
+            image_root,
+            pan_root,
+            pan_json,
+            spec.path(split, "panoptic_stuff_root"),
+            inst_json,
         )
         _make_lazy(pan + "_separated", spec, split)
         _make_lazy(pan + "_stuffonly", spec, split)
@@ -375,8 +396,11 @@ def register_shapes(
             sem, lambda g=sem_root, i=image_root: load_sem_seg(g, i, gt_ext="png", image_ext="jpg")
         )
         MetadataCatalog.get(sem).set(
-            image_root=image_root, sem_seg_root=sem_root, evaluator_type="sem_seg",
-            ignore_label=gen.IGNORE_LABEL, **_all_classes_as_stuff(),
+            image_root=image_root,
+            sem_seg_root=sem_root,
+            evaluator_type="sem_seg",
+            ignore_label=gen.IGNORE_LABEL,
+            **_all_classes_as_stuff(),
         )
         _make_lazy(sem, spec, split)
         for name in (inst, pan, pan + "_separated", pan + "_stuffonly", sem):
@@ -407,8 +431,11 @@ def configure_shapes_from_cfg(cfg, generate: bool = False) -> ShapesSpec:
             "cfg.DATASETS.SHAPES is missing: call common.engine.defaults.add_common_config(cfg)"
         )
     kwargs = dict(
-        image_size=int(node.IMAGE_SIZE), num_train=int(node.NUM_TRAIN),
-        num_val=int(node.NUM_VAL), seed=int(node.SEED), preset=str(node.PRESET),
+        image_size=int(node.IMAGE_SIZE),
+        num_train=int(node.NUM_TRAIN),
+        num_val=int(node.NUM_VAL),
+        seed=int(node.SEED),
+        preset=str(node.PRESET),
     )
     spec = register_shapes(**kwargs)
     register_shapes(**{**kwargs, "prefix": f"shapes_{kwargs['preset']}"})
@@ -430,8 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     root = args.root or os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-    spec = ShapesSpec(os.path.abspath(root), args.image_size, args.num_train, args.num_val,
-                      args.seed, args.preset)
+    spec = ShapesSpec(
+        os.path.abspath(root), args.image_size, args.num_train, args.num_val, args.seed, args.preset
+    )
     start = time.perf_counter()
     for split in SPLITS:
         ensure_split(spec, split)

@@ -1,15 +1,15 @@
 """Scene generator and file writer of the built-in synthetic ``shapes`` dataset (numpy + OpenCV).
 
-A scene is a square RGB image of background regions ("stuff": sky, grass, water, sand) with
-shapes ("things": circle, triangle, rectangle, star, ring) stacked on top of each other. How hard
-a scene is comes from its :class:`Preset` (``PRESETS``): ``"standard"`` (the default) draws 1-4
-shapes of 16-60 px (at 128 px) in a colour of their class over flat stuff, mildly occluded;
-``"hard"`` draws 1-6 shapes of any colour and texture over textured stuff, down to 10 % visible
-and 6 px small (the only look of generator version 1, reproduced bit for bit). Draw order is depth: a shape hides what it covers, its mask is what stays visible,
-and shapes left too small or mostly hidden are removed before the image is painted. The image is
-painted from the final label map, so image, instance, panoptic and semantic labels agree pixel
-for pixel. Every image is generated from its own seed derived from (seed, split, index), so any
-image can be regenerated alone (``render_scene``).
+A scene is a square RGB image of background regions ("stuff": sky, grass, water, sand) with shapes
+("things": circle, triangle, rectangle, star, ring) stacked on top of each other. How hard a scene
+is comes from its :class:`Preset` (``PRESETS``): ``"standard"`` (the default) draws 1-4 shapes of
+16-60 px (at 128 px) in a colour of their class over flat stuff, mildly occluded; ``"hard"`` draws
+1-6 shapes of any colour and texture over textured stuff, down to 10 % visible and 6 px small (the
+only look of generator version 1, reproduced bit for bit). Draw order is depth: a shape hides what
+it covers, its mask is what stays visible, and shapes left too small or mostly hidden are removed
+before the image is painted. The image is painted from the final label map, so image, instance,
+panoptic and semantic labels agree pixel for pixel. Every image is generated from its own seed
+derived from (seed, split, index), so any image can be regenerated alone (``render_scene``).
 
 ``write_split`` writes one split in the layouts of Detectron2's builtin datasets (see
 ``common/data/shapes.py`` for the folder layout and the registered names).
@@ -81,10 +81,22 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("standard", max_things=4, radius=(0.0625, 0.23), min_visible=0.6,
-               class_colours=True, stuff_textures=False),
-        Preset("hard", max_things=6, radius=(0.05, 0.32), min_visible=0.1,
-               class_colours=False, stuff_textures=True),
+        Preset(
+            "standard",
+            max_things=4,
+            radius=(0.0625, 0.23),
+            min_visible=0.6,
+            class_colours=True,
+            stuff_textures=False,
+        ),
+        Preset(
+            "hard",
+            max_things=6,
+            radius=(0.05, 0.32),
+            min_visible=0.1,
+            class_colours=False,
+            stuff_textures=True,
+        ),
     )
 }
 DEFAULT_PRESET = "standard"
@@ -204,8 +216,12 @@ _STUFF_TEXTURES: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
 
 def _flat_stuff(name: str) -> Callable[[np.random.Generator, int], np.ndarray]:
     """A flat version of a stuff texture: its hue range, no pattern, mild pixel noise."""
-    hsv = {"sky": ((195, 215), (0.35, 0.6), (0.85, 1.0)), "grass": ((85, 130), (0.5, 0.85), (0.35, 0.6)),
-           "water": ((185, 230), (0.6, 0.95), (0.25, 0.45)), "sand": ((32, 50), (0.3, 0.55), (0.7, 0.92))}[name]
+    hsv = {
+        "sky": ((195, 215), (0.35, 0.6), (0.85, 1.0)),
+        "grass": ((85, 130), (0.5, 0.85), (0.35, 0.6)),
+        "water": ((185, 230), (0.6, 0.95), (0.25, 0.45)),
+        "sand": ((32, 50), (0.3, 0.55), (0.7, 0.92)),
+    }[name]
 
     def paint(rng: np.random.Generator, s: int) -> np.ndarray:
         c = _rgb(*(rng.uniform(lo, hi) for lo, hi in hsv))
@@ -487,7 +503,11 @@ def _write_png(path: str, rgb_or_gray: np.ndarray) -> None:
 
 
 def write_split(
-    out_dir: str, split: str, num_images: int, image_size: int, seed: int,
+    out_dir: str,
+    split: str,
+    num_images: int,
+    image_size: int,
+    seed: int,
     preset: str = DEFAULT_PRESET,
 ) -> dict:
     """Render ``num_images`` scenes of ``split`` (``preset``) and write them under ``out_dir``.
@@ -511,42 +531,77 @@ def write_split(
         jpg = os.path.join(out_dir, rel["image_root"], stem + ".jpg")
         if not cv2.imwrite(jpg, scene.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
             raise OSError(f"shapes: cannot write {jpg}")
-        _write_png(os.path.join(out_dir, rel["panoptic_root"], stem + ".png"),
-                   id2rgb(scene.segment_ids))
-        _write_png(os.path.join(out_dir, rel["panoptic_stuff_root"], stem + ".png"),
-                   panoptic_fpn_semantic(scene))
-        _write_png(os.path.join(out_dir, rel["sem_seg_root"], stem + ".png"),
-                   contiguous_semantic(scene))
-        images.append({"id": image_id, "file_name": stem + ".jpg", "height": image_size,
-                       "width": image_size})
+        _write_png(
+            os.path.join(out_dir, rel["panoptic_root"], stem + ".png"), id2rgb(scene.segment_ids)
+        )
+        _write_png(
+            os.path.join(out_dir, rel["panoptic_stuff_root"], stem + ".png"),
+            panoptic_fpn_semantic(scene),
+        )
+        _write_png(
+            os.path.join(out_dir, rel["sem_seg_root"], stem + ".png"), contiguous_semantic(scene)
+        )
+        images.append(
+            {"id": image_id, "file_name": stem + ".jpg", "height": image_size, "width": image_size}
+        )
         for thing in scene.things:
-            instances.append({
-                "id": len(instances) + 1, "image_id": image_id,
-                "category_id": thing.category_id, "iscrowd": 0,
-                "segmentation": mask_to_polygons(thing.mask),
-                "area": float(thing.mask.sum()), "bbox": mask_bbox(thing.mask),
-            })
+            instances.append(
+                {
+                    "id": len(instances) + 1,
+                    "image_id": image_id,
+                    "category_id": thing.category_id,
+                    "iscrowd": 0,
+                    "segmentation": mask_to_polygons(thing.mask),
+                    "area": float(thing.mask.sum()),
+                    "bbox": mask_bbox(thing.mask),
+                }
+            )
         segments = []
         ids, counts = np.unique(scene.segment_ids, return_counts=True)
         for sid, count in zip(ids.tolist(), counts.tolist()):
-            segments.append({
-                "id": sid, "category_id": sid // LABEL_DIVISOR, "iscrowd": 0,
-                "area": count, "bbox": mask_bbox(scene.segment_ids == sid),
-            })
+            segments.append(
+                {
+                    "id": sid,
+                    "category_id": sid // LABEL_DIVISOR,
+                    "iscrowd": 0,
+                    "area": count,
+                    "bbox": mask_bbox(scene.segment_ids == sid),
+                }
+            )
         segments.sort(key=lambda seg: (seg["id"] % LABEL_DIVISOR == 0, seg["id"]))  # things 1st
-        panoptic.append({"image_id": image_id, "file_name": stem + ".png",
-                         "segments_info": segments})
-    info = {"description": "QuerySeg synthetic shapes", "split": split, "seed": seed,
-            "image_size": image_size, "preset": preset, "version": "2"}
+        panoptic.append(
+            {"image_id": image_id, "file_name": stem + ".png", "segments_info": segments}
+        )
+    info = {
+        "description": "QuerySeg synthetic shapes",
+        "split": split,
+        "seed": seed,
+        "image_size": image_size,
+        "preset": preset,
+        "version": "2",
+    }
     keys = ("id", "name", "supercategory")
-    inst_json = {"info": info, "licenses": [], "images": images, "annotations": instances,
-                 "categories": [{k: c[k] for k in keys} for c in THING_CATEGORIES]}
-    pan_json = {"info": info, "licenses": [], "images": images, "annotations": panoptic,
-                "categories": [dict(c) for c in CATEGORIES]}
+    inst_json = {
+        "info": info,
+        "licenses": [],
+        "images": images,
+        "annotations": instances,
+        "categories": [{k: c[k] for k in keys} for c in THING_CATEGORIES],
+    }
+    pan_json = {
+        "info": info,
+        "licenses": [],
+        "images": images,
+        "annotations": panoptic,
+        "categories": [dict(c) for c in CATEGORIES],
+    }
     for key, content in (("instances_json", inst_json), ("panoptic_json", pan_json)):
         with open(os.path.join(out_dir, rel[key]), "w") as f:
             json.dump(content, f)
-    return {"num_images": num_images, "num_instances": len(instances),
-            "num_empty_images": sum(1 for p in panoptic
-                                    if all(s["id"] % LABEL_DIVISOR == 0
-                                           for s in p["segments_info"]))}
+    return {
+        "num_images": num_images,
+        "num_instances": len(instances),
+        "num_empty_images": sum(
+            1 for p in panoptic if all(s["id"] % LABEL_DIVISOR == 0 for s in p["segments_info"])
+        ),
+    }

@@ -74,10 +74,13 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     if name == "ADAMW":
         cls, kwargs = torch.optim.AdamW, {"betas": tuple(cfg.SOLVER.BETAS)}
     elif name == "SGD":
-        cls, kwargs = torch.optim.SGD, {
-            "momentum": cfg.SOLVER.MOMENTUM,
-            "nesterov": cfg.SOLVER.NESTEROV,
-        }
+        cls, kwargs = (
+            torch.optim.SGD,
+            {
+                "momentum": cfg.SOLVER.MOMENTUM,
+                "nesterov": cfg.SOLVER.NESTEROV,
+            },
+        )
     else:
         raise ValueError(f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r}: expected 'ADAMW' or 'SGD'")
     clip = cfg.SOLVER.CLIP_GRADIENTS

@@ -147,14 +147,25 @@ def _caption(panel: np.ndarray, label: str, height: int) -> np.ndarray:
     (tw, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     if tw > panel.shape[1] - 4:  # shrink long labels to fit the panel
         scale *= (panel.shape[1] - 4) / tw
-    cv2.putText(strip, label, (2, int(height * 0.72)), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(
+        strip,
+        label,
+        (2, int(height * 0.72)),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        scale,
+        (0, 0, 0),
+        1,
+        cv2.LINE_AA,
+    )
     return np.concatenate([strip, panel], axis=0)
 
 
 def labelled_grid(
-    panels: Sequence[np.ndarray], labels: Sequence[str], ncols: int | None = None,
-    label_height: int = 24, pad: int = 4,
+    panels: Sequence[np.ndarray],
+    labels: Sequence[str],
+    ncols: int | None = None,
+    label_height: int = 24,
+    pad: int = 4,
 ) -> np.ndarray:
     """Lay panels out in a grid, each under its label.
 
@@ -256,12 +267,11 @@ class VisualizationHook(HookBase):
                 for i, (d, inputs, image) in enumerate(self._samples):
                     outputs = model([inputs])[0]
                     gt = draw_ground_truth(image, d, metadata)
-                    pred = draw_predictions(image, outputs, metadata,
-                                            score_threshold=self._threshold)
-                    panel = labelled_grid([gt, pred], ["ground truth", "prediction"])
-                    self.trainer.storage.put_image(
-                        f"vis/gt_vs_pred_{i}", panel.transpose(2, 0, 1)
+                    pred = draw_predictions(
+                        image, outputs, metadata, score_threshold=self._threshold
                     )
+                    panel = labelled_grid([gt, pred], ["ground truth", "prediction"])
+                    self.trainer.storage.put_image(f"vis/gt_vs_pred_{i}", panel.transpose(2, 0, 1))
                     panels.append(panel)
         finally:
             model.train(was_training)

@@ -45,8 +45,11 @@ class PositionEmbeddingSine(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, C, H, W) (only shape, device used) -> float32 (N, 2 * num_pos_feats, H, W)."""
         pos = sine_position_encoding(
-            x.shape[2], x.shape[3], num_feats=self.num_pos_feats,
-            temperature=self.temperature, device=x.device,
+            x.shape[2],
+            x.shape[3],
+            num_feats=self.num_pos_feats,
+            temperature=self.temperature,
+            device=x.device,
         )
         return pos.expand(x.shape[0], -1, -1, -1)
 

@@ -54,9 +54,10 @@ def test_overrides_from_yaml_become_yacs_text(tmp_path):
 
 
 def test_a_misspelt_key_fails_before_anything_runs(tmp_path):
-    a = ablate.ablation_from_args(os.path.join(REPO, MASK_RCNN),
-                                  ["ok=MODEL.ROI_MASK_HEAD.NUM_CONV 2",
-                                   "typo=MODEL.ROI_MASK_HEAD.NUM_CONVS 2"])
+    a = ablate.ablation_from_args(
+        os.path.join(REPO, MASK_RCNN),
+        ["ok=MODEL.ROI_MASK_HEAD.NUM_CONV 2", "typo=MODEL.ROI_MASK_HEAD.NUM_CONVS 2"],
+    )
     with pytest.raises(SystemExit, match=r"'typo'.*did you mean MODEL.ROI_MASK_HEAD.NUM_CONV"):
         ablate.run_ablation(a, benchmark.settings_for("quick"), str(tmp_path), progress=False)
     assert not (tmp_path / "rows").exists()
@@ -71,12 +72,37 @@ def test_runner_gives_one_row_per_override_set(shapes_tiny_env, tmp_path):
         "  1 conv: [MODEL.ROI_MASK_HEAD.NUM_CONV, 1]\n"
     )
     out = tmp_path / "out"
-    argv = [str(definition), "--output", str(out), "--max-iter", "4", "--ims-per-batch", "2",
-            "--num-workers", "0", "--input-size", "64", "--warmup", "1", "--repeats", "2",
-            "--no-progress", *shapes_tiny_env.cfg_opts, "INPUT.MIN_SIZE_TRAIN", "(64,)",
-            "MODEL.ROI_BOX_HEAD.NUM_CONV", "0",
-            "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "10"]
+    argv = [
+        str(definition),
+        "--output",
+        str(out),
+        "--max-iter",
+        "4",
+        "--ims-per-batch",
+        "2",
+        "--num-workers",
+        "0",
+        "--input-size",
+        "64",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--no-progress",
+        *shapes_tiny_env.cfg_opts,
+        "INPUT.MIN_SIZE_TRAIN",
+        "(64,)",
+        "MODEL.ROI_BOX_HEAD.NUM_CONV",
+        "0",
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        "20",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+        "50",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "32",
+        "TEST.DETECTIONS_PER_IMAGE",
+        "10",
+    ]
     assert ablate.main(argv) == 0
     with open(out / "ablation.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -51,35 +51,65 @@ def test_gflops_fall_back_when_the_trace_is_empty():
 
 
 def _run(name, task, metric, value, **extra):
-    row = {"name": name, "method": name, "config": "c.yaml", "task": task, metric: value,
-           "train_s_iter": 1.0, "latency_ms": 10.0, "memory_mb": 50.0, "wall_s": 1, "cpu_s": 2}
+    row = {
+        "name": name,
+        "method": name,
+        "config": "c.yaml",
+        "task": task,
+        metric: value,
+        "train_s_iter": 1.0,
+        "latency_ms": 10.0,
+        "memory_mb": 50.0,
+        "wall_s": 1,
+        "cpu_s": 2,
+    }
     row.update(extra)
     return row
 
 
 def test_seeds_aggregate_into_mean_std_and_close_means_are_ties():
-    from tools import bench_core
-    from tools import bench_report
+    from tools import bench_core, bench_report
 
-    a = bench_core.aggregate_seeds([_run("A", "instance", "AP", v) for v in (40.0, 42.0, 44.0)],
-                                   [1, 2, 3])
+    a = bench_core.aggregate_seeds(
+        [_run("A", "instance", "AP", v) for v in (40.0, 42.0, 44.0)], [1, 2, 3]
+    )
     assert a["AP"] == 42.0 and a["AP_std"] == 2.0 and a["AP_runs"] == [40.0, 42.0, 44.0]
     assert a["seeds"] == [1, 2, 3] and a["wall_s"] == 3
-    b = bench_core.aggregate_seeds([_run("B", "instance", "AP", v) for v in (44.0, 45.0, 46.0)],
-                                   [1, 2, 3])
-    c = bench_core.aggregate_seeds([_run("C", "instance", "AP", v) for v in (60.0, 61.0, 62.0)],
-                                   [1, 2, 3])
+    b = bench_core.aggregate_seeds(
+        [_run("B", "instance", "AP", v) for v in (44.0, 45.0, 46.0)], [1, 2, 3]
+    )
+    c = bench_core.aggregate_seeds(
+        [_run("C", "instance", "AP", v) for v in (60.0, 61.0, 62.0)], [1, 2, 3]
+    )
     assert bench_report.ties([a, b, c]) == [("AP", "A", "B")]  # |42 - 45| < 2 * 2; C is apart
-    header = {k: "x" for k in ("device", "torch", "threads", "date", "elapsed", "seed", "loader",
-                               "schedule", "dataset", "train_sizes", "input", "latency", "gflops",
-                               "memory", "train_s_iter")}
+    header = {
+        k: "x"
+        for k in (
+            "device",
+            "torch",
+            "threads",
+            "date",
+            "elapsed",
+            "seed",
+            "loader",
+            "schedule",
+            "dataset",
+            "train_sizes",
+            "input",
+            "latency",
+            "gflops",
+            "memory",
+            "train_s_iter",
+        )
+    }
     md = bench_report.render_markdown([a, b, c], header, title="t")
     assert "| A ≈ |" in md and "| C |" in md and "42.0 ± 2.0" in md
     assert "tie (AP, means closer than 2 std): A ≈ B" in md
     assert "A: AP per seed 40.0, 42.0, 44.0" in md
 
-    failed = bench_core.aggregate_seeds([_run("D", "instance", "AP", 1.0),
-                                         _run("D", "instance", "AP", None, error="boom")], [1, 2])
+    failed = bench_core.aggregate_seeds(
+        [_run("D", "instance", "AP", 1.0), _run("D", "instance", "AP", None, error="boom")], [1, 2]
+    )
     assert failed["error"] == "seed 2: boom"
 
 

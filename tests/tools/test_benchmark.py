@@ -23,13 +23,40 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 MASK_RCNN = "common/configs/baselines/mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml"
 #: a few iterations, tiny batches, few proposals, no box-head convs: a row costs seconds
-TINY_ARGS = ["--max-iter", "5", "--ims-per-batch", "2", "--num-workers", "0", "--input-size", "64",
-             "--warmup", "2", "--repeats", "3", "--timing-iters", "4"]
-TINY_OPTS = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "MODEL.ROI_BOX_HEAD.NUM_CONV", "0",
-             "MODEL.RPN.PRE_NMS_TOPK_TEST", "100",
-             "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
-             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "10",
-             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+TINY_ARGS = [
+    "--max-iter",
+    "5",
+    "--ims-per-batch",
+    "2",
+    "--num-workers",
+    "0",
+    "--input-size",
+    "64",
+    "--warmup",
+    "2",
+    "--repeats",
+    "3",
+    "--timing-iters",
+    "4",
+]
+TINY_OPTS = [
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+    "MODEL.ROI_BOX_HEAD.NUM_CONV",
+    "0",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "100",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "20",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "50",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "32",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "10",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+    "0.0",
+]
 NUMERIC = ("params_m", "gflops", "latency_ms", "memory_mb", "train_s_iter")
 
 
@@ -63,8 +90,9 @@ def test_latency_median_ignores_a_timed_outlier_that_a_mean_would_not():
 
 def test_latency_synchronises_around_every_timed_call():
     syncs = []
-    bench_measure.measure_latency(lambda: None, warmup=2, repeats=3,
-                               synchronize=lambda: syncs.append(1))
+    bench_measure.measure_latency(
+        lambda: None, warmup=2, repeats=3, synchronize=lambda: syncs.append(1)
+    )
     assert len(syncs) == 2 + 2 * 3  # after each warm-up call; before and after each timed call
 
 
@@ -83,7 +111,9 @@ def test_cpu_peak_memory_counts_weights_and_the_forward_peak():
 def test_default_entries_name_existing_baselines_and_report_missing_configs(capsys):
     present, missing = benchmark.split_present(benchmark.DEFAULT_ENTRIES)
     assert {e.config for e in present} >= {
-        MASK_RCNN, "common/configs/baselines/panoptic_fpn_R_18_gn_scratch_shapes.yaml"}
+        MASK_RCNN,
+        "common/configs/baselines/panoptic_fpn_R_18_gn_scratch_shapes.yaml",
+    }
     fake = benchmark.Entry("not yet", "projects/nope/configs/shapes/nope.yaml")
     benchmark.report_missing([fake], [fake], discover=False)
     assert "skipping 'not yet'" in capsys.readouterr().err
@@ -107,8 +137,17 @@ def _read_csv(path):
 
 def test_benchmark_end_to_end_writes_table_csv_and_plot(shapes_tiny_env, tmp_path, capsys):
     out = tmp_path / "bench"
-    argv = ["--config", MASK_RCNN, "--names", "Mask R-CNN tiny", *TINY_ARGS,
-            "--output", str(out), *shapes_tiny_env.cfg_opts, *TINY_OPTS]
+    argv = [
+        "--config",
+        MASK_RCNN,
+        "--names",
+        "Mask R-CNN tiny",
+        *TINY_ARGS,
+        "--output",
+        str(out),
+        *shapes_tiny_env.cfg_opts,
+        *TINY_OPTS,
+    ]
     assert benchmark.main(argv) == 0
     captured = capsys.readouterr()
     assert "[1/1] Mask R-CNN tiny" in captured.err and "100%" in captured.err  # progress + ETA
@@ -143,9 +182,24 @@ def test_benchmark_end_to_end_writes_table_csv_and_plot(shapes_tiny_env, tmp_pat
     # --weights: the saved checkpoint is evaluated instead of trained
     out2 = tmp_path / "weights"
     weights = str(out / "rows" / "00_Mask_R-CNN_tiny" / "model_final.pth")
-    argv = ["--config", MASK_RCNN, "--weights", weights, *TINY_ARGS, "--no-progress",
-            "--repeats", "1", "--warmup", "0", "--timing-iters", "0", "--output", str(out2),
-            *shapes_tiny_env.cfg_opts, *TINY_OPTS]
+    argv = [
+        "--config",
+        MASK_RCNN,
+        "--weights",
+        weights,
+        *TINY_ARGS,
+        "--no-progress",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--timing-iters",
+        "0",
+        "--output",
+        str(out2),
+        *shapes_tiny_env.cfg_opts,
+        *TINY_OPTS,
+    ]
     assert benchmark.main(argv) == 0
     (row2,) = _read_csv(out2 / "benchmark.csv")
     assert row2["weights"] == weights
@@ -156,7 +210,9 @@ def test_a_failing_row_is_recorded_instead_of_raised(shapes_tiny_env, tmp_path):
     rows, _ = benchmark.run_entries(
         [benchmark.Entry("broken", MASK_RCNN, overrides=("MODEL.BACKBONE.NAME", "no_such"))],
         benchmark.settings_for("quick", max_iter=5, opts=tuple(shapes_tiny_env.cfg_opts)),
-        str(tmp_path), title="t", progress=False,
+        str(tmp_path),
+        title="t",
+        progress=False,
     )
     assert "no_such" in rows[0]["error"]
     assert "failed" in (tmp_path / "benchmark.md").read_text()
@@ -193,9 +249,26 @@ def test_progress_weights_each_rows_passes_by_its_cost_for_the_eta():
 
 def test_rows_train_in_parallel_workers_then_are_measured_alone(shapes_tiny_env, tmp_path):
     out = tmp_path / "jobs"
-    argv = ["--config", MASK_RCNN, MASK_RCNN, "--names", "a", "b", "--jobs", "2", *TINY_ARGS,
-            "--no-progress", "--repeats", "1", "--warmup", "0", "--output", str(out),
-            *shapes_tiny_env.cfg_opts, *TINY_OPTS]
+    argv = [
+        "--config",
+        MASK_RCNN,
+        MASK_RCNN,
+        "--names",
+        "a",
+        "b",
+        "--jobs",
+        "2",
+        *TINY_ARGS,
+        "--no-progress",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--output",
+        str(out),
+        *shapes_tiny_env.cfg_opts,
+        *TINY_OPTS,
+    ]
     assert benchmark.main(argv) == 0
     rows = _read_csv(out / "benchmark.csv")
     assert [r["name"] for r in rows] == ["a", "b"]

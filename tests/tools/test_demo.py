@@ -21,10 +21,22 @@ BASELINES = os.path.join(REPO, "common/configs/baselines")
 MASK_RCNN = os.path.join(BASELINES, "mask_rcnn_R_18_FPN_gn_scratch_shapes.yaml")
 PANOPTIC_FPN = os.path.join(BASELINES, "panoptic_fpn_R_18_gn_scratch_shapes.yaml")
 #: Detectron2's semantic FPN (SemanticSegmentor) on the ADE20K-style `shapes` labels (9 classes)
-SEMANTIC_OPTS = ["MODEL.META_ARCHITECTURE", "SemanticSegmentor", "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
-                 "9", "DATASETS.TEST", "('shapes_sem_seg_val',)"]
-FAST = ["INPUT.MIN_SIZE_TEST", "64", "MODEL.RPN.POST_NMS_TOPK_TEST", "20",
-        "TEST.DETECTIONS_PER_IMAGE", "5"]
+SEMANTIC_OPTS = [
+    "MODEL.META_ARCHITECTURE",
+    "SemanticSegmentor",
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+    "9",
+    "DATASETS.TEST",
+    "('shapes_sem_seg_val',)",
+]
+FAST = [
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "20",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "5",
+]
 
 
 @pytest.fixture
@@ -39,8 +51,17 @@ def images(shapes_tiny_env, tmp_path):
 
 
 def _run(args, opts=()):
-    return demo.main([*args, "--confidence-threshold", "0.0",
-                      "--opts", *os.environ["_QS_TINY_OPTS"].split(), *FAST, *opts])
+    return demo.main(
+        [
+            *args,
+            "--confidence-threshold",
+            "0.0",
+            "--opts",
+            *os.environ["_QS_TINY_OPTS"].split(),
+            *FAST,
+            *opts,
+        ]
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -48,16 +69,21 @@ def _tiny_opts(shapes_tiny_env, monkeypatch):
     monkeypatch.setenv("_QS_TINY_OPTS", " ".join(shapes_tiny_env.cfg_opts))
 
 
-@pytest.mark.parametrize("task,config,opts", [
-    ("instance", MASK_RCNN, []),
-    ("panoptic", PANOPTIC_FPN, []),
-    ("semantic", PANOPTIC_FPN, SEMANTIC_OPTS),
-], ids=["instance", "panoptic", "semantic"])
+@pytest.mark.parametrize(
+    "task,config,opts",
+    [
+        ("instance", MASK_RCNN, []),
+        ("panoptic", PANOPTIC_FPN, []),
+        ("semantic", PANOPTIC_FPN, SEMANTIC_OPTS),
+    ],
+    ids=["instance", "panoptic", "semantic"],
+)
 def test_folder_in_overlays_out_for_each_task(task, config, opts, images, tmp_path, caplog):
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO, logger="queryseg.demo"):
-        assert _run(["--config-file", config, "--input", str(images), "--output", str(out)],
-                    opts) == 0
+        assert (
+            _run(["--config-file", config, "--input", str(images), "--output", str(out)], opts) == 0
+        )
     written = sorted(os.listdir(out))
     assert written == sorted(f.replace(".png", ".jpg") for f in os.listdir(images))
     for name in written:
@@ -70,8 +96,23 @@ def test_folder_in_overlays_out_for_each_task(task, config, opts, images, tmp_pa
 def test_comparison_mode_writes_a_labelled_grid(images, tmp_path):
     out = tmp_path / "grid"
     first = sorted(os.listdir(images))[0]
-    assert _run(["--config-file", MASK_RCNN, PANOPTIC_FPN, "--labels", "Mask R-CNN", "PFPN",
-                 "--input", str(images / first), "--output", str(out)]) == 0
+    assert (
+        _run(
+            [
+                "--config-file",
+                MASK_RCNN,
+                PANOPTIC_FPN,
+                "--labels",
+                "Mask R-CNN",
+                "PFPN",
+                "--input",
+                str(images / first),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (name,) = os.listdir(out)
     assert name == first.replace(".png", "_grid.jpg")
     grid = cv2.imread(str(out / name))
@@ -83,8 +124,17 @@ def test_comparison_mode_writes_a_labelled_grid(images, tmp_path):
 def test_unreadable_image_is_reported_and_the_rest_still_runs(images, tmp_path, capsys):
     (images / "broken.png").write_bytes(b"not a png at all")
     out = tmp_path / "out"
-    rc = _run(["--config-file", MASK_RCNN, "--input", str(images), str(tmp_path / "nope.jpg"),
-               "--output", str(out)])
+    rc = _run(
+        [
+            "--config-file",
+            MASK_RCNN,
+            "--input",
+            str(images),
+            str(tmp_path / "nope.jpg"),
+            "--output",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert f"cannot read image {images / 'broken.png'}" in err

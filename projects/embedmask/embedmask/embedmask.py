@@ -280,4 +280,3 @@ class EmbedMask(nn.Module):
         return F.grid_sample(
             log_prob[None], grid, mode="bilinear", padding_mode="border", align_corners=False
         )[0]
-

@@ -110,8 +110,12 @@ def test_panoptic_dataset_all_tasks_score_100(cfg, shapes_any):
             "instances": _instances(inst_dicts[d["image_id"]]),
             "sem_seg": _sem_logits(d["sem_seg_file_name"], num_classes),
         }
-        pairs.append(({"image_id": d["image_id"], "file_name": d["file_name"],
-                       "height": 64, "width": 64}, out))
+        pairs.append(
+            (
+                {"image_id": d["image_id"], "file_name": d["file_name"], "height": 64, "width": 64},
+                out,
+            )
+        )
     res = _run(evaluator, pairs)
     assert res["panoptic_seg"]["PQ"] == pytest.approx(100.0)
     assert res["panoptic_seg"]["PQ_th"] == pytest.approx(100.0)
@@ -142,8 +146,10 @@ def test_separated_panoptic_pq_100_and_missing_segments_lower_it(cfg, shapes_tin
                     if s["isthing"]:
                         ids[ids == s["id"]] = 0
                 info = [s for s in info if not s["isthing"]]
-            yield {"image_id": d["image_id"], "file_name": d["file_name"]}, {
-                "panoptic_seg": (ids, info)}
+            yield (
+                {"image_id": d["image_id"], "file_name": d["file_name"]},
+                {"panoptic_seg": (ids, info)},
+            )
 
     assert _run(evaluator, pairs(False))["panoptic_seg"]["PQ"] == pytest.approx(100.0)
     assert _run(evaluator, pairs(True))["panoptic_seg"]["PQ_th"] == pytest.approx(0.0)
@@ -171,8 +177,9 @@ def test_label_loader_is_numpy2_safe_and_writable(shapes_tiny):
 
 
 def test_build_evaluator_generates_a_lazy_shapes_split(cfg, tmp_path):
-    spec = register_shapes(root=str(tmp_path), image_size=32, num_train=1, num_val=2, seed=2,
-                           prefix="shapes_evlazy")
+    spec = register_shapes(
+        root=str(tmp_path), image_size=32, num_train=1, num_val=2, seed=2, prefix="shapes_evlazy"
+    )
     assert not os.path.exists(spec.dataset_dir)
     assert isinstance(build_evaluator(cfg, "shapes_evlazy_val"), COCOEvaluator)
     assert os.path.isfile(spec.path("val", "instances_json"))

@@ -30,8 +30,11 @@ def _cfg(task, train_name, **extra):
 
 
 def _first_with_things(name):
-    return next(d for d in DatasetCatalog.get(name) if d.get("annotations") or
-                any(s.get("isthing", 0) for s in d.get("segments_info", [])))
+    return next(
+        d
+        for d in DatasetCatalog.get(name)
+        if d.get("annotations") or any(s.get("isthing", 0) for s in d.get("segments_info", []))
+    )
 
 
 def test_registry_lists_every_task():
@@ -85,8 +88,11 @@ def test_semantic_fields(shapes_tiny):
 def test_same_seed_same_batch(shapes_tiny, task):
     from detectron2.utils.env import seed_all_rng
 
-    name = {"instance": shapes_tiny.train, "panoptic": shapes_tiny.train_panoptic,
-            "semantic": shapes_tiny.sem_seg_train}[task]
+    name = {
+        "instance": shapes_tiny.train,
+        "panoptic": shapes_tiny.train_panoptic,
+        "semantic": shapes_tiny.sem_seg_train,
+    }[task]
     cfg = _cfg(task, name)
     mapper = build_mapper(cfg)
     dicts = DatasetCatalog.get(name)[:4]
@@ -99,8 +105,10 @@ def test_same_seed_same_batch(shapes_tiny, task):
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
     if task != "instance":
         assert all(torch.equal(x["sem_seg"], y["sem_seg"]) for x, y in zip(a, b))
-    assert any(x["image"].shape != y["image"].shape or not torch.equal(x["image"], y["image"])
-               for x, y in zip(a, c))
+    assert any(
+        x["image"].shape != y["image"].shape or not torch.equal(x["image"], y["image"])
+        for x, y in zip(a, c)
+    )
 
 
 def test_identical_batches_across_methods_sharing_a_base(shapes_tiny):
@@ -148,8 +156,12 @@ def test_corrupt_image_names_the_file(shapes_tiny, tmp_path):
 
 @pytest.mark.parametrize(
     "segmentation, match",
-    [([], "empty or invalid"), ([[1.0, 2.0, 3.0, 4.0]], "even number"), ([[1, 2, 3]], "even"),
-     ([[1, 2, 3, 4, float("nan"), 6]], "finite")],
+    [
+        ([], "empty or invalid"),
+        ([[1.0, 2.0, 3.0, 4.0]], "even number"),
+        ([[1, 2, 3]], "even"),
+        ([[1, 2, 3, 4, float("nan"), 6]], "finite"),
+    ],
 )
 def test_invalid_polygon_names_image_and_annotation(shapes_tiny, segmentation, match):
     d = copy.deepcopy(_first_with_things(shapes_tiny.train))

@@ -44,9 +44,11 @@ def _digest_tree(spec: ShapesSpec, split: str, limit: int | None = None) -> dict
     out = {}
     for key, rel in gen.split_paths(split).items():
         path = os.path.join(spec.dataset_dir, rel)
-        files = [path] if key.endswith("_json") else sorted(
-            os.path.join(path, f) for f in os.listdir(path)
-        )[:limit]
+        files = (
+            [path]
+            if key.endswith("_json")
+            else sorted(os.path.join(path, f) for f in os.listdir(path))[:limit]
+        )
         for f in files:
             with open(f, "rb") as fh:
                 out[os.path.relpath(f, spec.dataset_dir)] = hashlib.sha1(fh.read()).hexdigest()
@@ -87,8 +89,12 @@ def test_mask_to_polygons_exact_with_holes_parts_flip_and_scale():
     rng = np.random.default_rng(0)
     for _ in range(40):
         mask = np.zeros((32, 32), np.uint8)
-        mask[rng.integers(2, 12):rng.integers(20, 30), rng.integers(2, 12):rng.integers(20, 30)] = 1
-        mask[rng.integers(8, 14):rng.integers(16, 20), rng.integers(8, 14):rng.integers(16, 20)] = 0
+        mask[
+            rng.integers(2, 12) : rng.integers(20, 30), rng.integers(2, 12) : rng.integers(20, 30)
+        ] = 1
+        mask[
+            rng.integers(8, 14) : rng.integers(16, 20), rng.integers(8, 14) : rng.integers(16, 20)
+        ] = 0
         mask[rng.random((32, 32)) < 0.03] ^= 1  # specks, extra parts, diagonal contacts
         polys = gen.mask_to_polygons(mask)
         np.testing.assert_array_equal(polygons_to_bitmask(polys, 32, 32), mask.astype(bool))
@@ -117,8 +123,9 @@ def test_panoptic_and_semantic_pngs_agree(shapes_tiny, split):
         ids = _rgb2id(os.path.join(spec.path(split, "panoptic_root"), ann["file_name"]))
         segs = ann["segments_info"]
         assert sorted(np.unique(ids).tolist()) == sorted(s["id"] for s in segs)  # no void (0)
-        np.testing.assert_array_equal(ids, gen.render_scene(64, 0, split, ann["image_id"] - 1)
-                                      .segment_ids)
+        np.testing.assert_array_equal(
+            ids, gen.render_scene(64, 0, split, ann["image_id"] - 1).segment_ids
+        )
         sem = np.asarray(Image.open(os.path.join(spec.path(split, "sem_seg_root"), stem + ".png")))
         stuff = np.asarray(
             Image.open(os.path.join(spec.path(split, "panoptic_stuff_root"), stem + ".png"))
@@ -214,8 +221,11 @@ def test_presets_differ_and_unknown_preset_names_the_known_ones(tmp_path):
 def test_every_registered_name_loads(shapes_tiny):
     names = sorted(n for n in DatasetCatalog.list() if n.startswith("shapes_tiny_"))
     assert names == sorted(
-        [f"shapes_tiny_{s}{k}" for s in ("train", "val")
-         for k in ("", "_panoptic", "_panoptic_separated", "_panoptic_stuffonly")]
+        [
+            f"shapes_tiny_{s}{k}"
+            for s in ("train", "val")
+            for k in ("", "_panoptic", "_panoptic_separated", "_panoptic_stuffonly")
+        ]
         + ["shapes_tiny_sem_seg_train", "shapes_tiny_sem_seg_val"]
     )
     for name in names:
@@ -278,9 +288,16 @@ def test_metadata_follows_detectron2_conventions(shapes_tiny):
 
 
 def test_default_names_registered_on_import(tmp_path):
-    names = ("shapes_train", "shapes_val", "shapes_train_panoptic", "shapes_val_panoptic",
-             "shapes_train_panoptic_separated", "shapes_val_panoptic_separated",
-             "shapes_sem_seg_train", "shapes_sem_seg_val")
+    names = (
+        "shapes_train",
+        "shapes_val",
+        "shapes_train_panoptic",
+        "shapes_val_panoptic",
+        "shapes_train_panoptic_separated",
+        "shapes_val_panoptic_separated",
+        "shapes_sem_seg_train",
+        "shapes_sem_seg_val",
+    )
     assert set(names) <= set(DatasetCatalog.list())
     spec = register_shapes(root=str(tmp_path))  # what `import common.data` calls (other root)
     assert spec.tag == "standard_128px_s0_600-100_v2"
@@ -309,8 +326,10 @@ def test_same_seed_same_bytes_different_seed_different(shapes_tiny, tmp_path):
     a, b = _digest_tree(other, "val"), _digest_tree(shapes_tiny.spec, "val")
     assert a.keys() == b.keys()
     assert all(a[k] != b[k] for k in a if k.endswith(".jpg"))
-    assert gen.render_scene(64, 0, "val", 0).image.tobytes() != gen.render_scene(
-        64, 0, "train", 0).image.tobytes()
+    assert (
+        gen.render_scene(64, 0, "val", 0).image.tobytes()
+        != gen.render_scene(64, 0, "train", 0).image.tobytes()
+    )
 
 
 def test_folder_encodes_parameters_and_meta_json(shapes_tiny):
@@ -318,7 +337,12 @@ def test_folder_encodes_parameters_and_meta_json(shapes_tiny):
     with open(os.path.join(shapes_tiny.dataset_dir, "meta.json")) as f:
         meta = json.load(f)
     assert {k: meta[k] for k in ("image_size", "seed", "num_train", "num_val", "preset")} == {
-        "image_size": 64, "seed": 0, "num_train": 8, "num_val": 8, "preset": "standard"}
+        "image_size": 64,
+        "seed": 0,
+        "num_train": 8,
+        "num_val": 8,
+        "preset": "standard",
+    }
     assert meta["preset_settings"]["class_colours"] is True
     assert set(meta["splits"]) == {"train", "val"}
     assert meta["splits"]["val"]["num_images"] == 8 and meta["splits"]["val"]["num_empty_images"]
@@ -329,8 +353,9 @@ def test_folder_encodes_parameters_and_meta_json(shapes_tiny):
 
 
 def test_generation_is_lazy_and_per_split(tmp_path):
-    spec = register_shapes(root=str(tmp_path), image_size=32, num_train=3, num_val=2, seed=3,
-                           prefix="shapes_lazy")
+    spec = register_shapes(
+        root=str(tmp_path), image_size=32, num_train=3, num_val=2, seed=3, prefix="shapes_lazy"
+    )
     assert not os.path.exists(spec.dataset_dir)
     assert len(DatasetCatalog.get("shapes_lazy_val_panoptic")) == 2
     with open(os.path.join(spec.dataset_dir, "meta.json")) as f:
@@ -340,8 +365,9 @@ def test_generation_is_lazy_and_per_split(tmp_path):
     assert os.path.isdir(spec.path("train", "image_root"))
 
     # re-registering the same names with other parameters replaces them
-    spec2 = register_shapes(root=str(tmp_path), image_size=32, num_train=4, num_val=2, seed=3,
-                            prefix="shapes_lazy")
+    spec2 = register_shapes(
+        root=str(tmp_path), image_size=32, num_train=4, num_val=2, seed=3, prefix="shapes_lazy"
+    )
     assert spec2.dataset_dir != spec.dataset_dir
     assert len(DatasetCatalog.get("shapes_lazy_train")) == 4
     assert MetadataCatalog.get("shapes_lazy_train").image_root.startswith(spec2.dataset_dir)
@@ -387,7 +413,9 @@ def test_leftovers_of_a_killed_run_are_replaced(tmp_path):
         f.write("half")
     ensure_split(spec, "val")
     assert sorted(os.listdir(spec.path("val", "image_root"))) == [
-        "000000000001.jpg", "000000000002.jpg"]
+        "000000000001.jpg",
+        "000000000002.jpg",
+    ]
     assert not [n for n in os.listdir(spec.dataset_dir) if n.startswith(".tmp")]
 
 
@@ -412,8 +440,12 @@ def test_half_written_or_foreign_folder_gives_clear_error(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, word",
-    [({"image_size": 8}, "image_size"), ({"num_train": 0}, "num_train"),
-     ({"seed": -1}, "seed"), ({"num_val": 2.5}, "num_val")],
+    [
+        ({"image_size": 8}, "image_size"),
+        ({"num_train": 0}, "num_train"),
+        ({"seed": -1}, "seed"),
+        ({"num_val": 2.5}, "num_val"),
+    ],
 )
 def test_bad_parameters_name_the_value(tmp_path, kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -477,8 +509,23 @@ def test_configure_from_cfg_reuses_the_matching_folder(shapes_tiny_env):
 
 
 def test_cli_pregenerates(tmp_path):
-    assert shapes.main(["--root", str(tmp_path), "--image-size", "32", "--num-train", "2",
-                        "--num-val", "1", "--seed", "4"]) == 0
+    assert (
+        shapes.main(
+            [
+                "--root",
+                str(tmp_path),
+                "--image-size",
+                "32",
+                "--num-train",
+                "2",
+                "--num-val",
+                "1",
+                "--seed",
+                "4",
+            ]
+        )
+        == 0
+    )
     spec = ShapesSpec(str(tmp_path), 32, 2, 1, 4)
     assert len(os.listdir(spec.path("train", "image_root"))) == 2
     assert len(os.listdir(spec.path("val", "sem_seg_root"))) == 1

@@ -28,7 +28,8 @@ H, W = 48, 64
 
 def _meta():
     return MetadataCatalog.get("__test_visualization").set(
-        thing_classes=["a", "b"], stuff_classes=["a", "b", "sky"],
+        thing_classes=["a", "b"],
+        stuff_classes=["a", "b", "sky"],
         thing_colors=[(255, 0, 0), (0, 255, 0)],
         stuff_colors=[(255, 0, 0), (0, 255, 0), (0, 0, 255)],
     )
@@ -59,9 +60,15 @@ def test_draw_predictions_overlays_each_task(task):
         seg = torch.zeros(H, W, dtype=torch.int32)
         seg[10:30, 10:30] = 1
         seg[30:, :] = 2
-        outputs = {"panoptic_seg": (seg, [
-            {"id": 1, "category_id": 0, "isthing": True, "score": 0.9},
-            {"id": 2, "category_id": 2, "isthing": False}])}
+        outputs = {
+            "panoptic_seg": (
+                seg,
+                [
+                    {"id": 1, "category_id": 0, "isthing": True, "score": 0.9},
+                    {"id": 2, "category_id": 2, "isthing": False},
+                ],
+            )
+        }
     else:
         logits = torch.zeros(3, H, W)
         logits[2, 24:] = 5.0
@@ -99,14 +106,41 @@ def test_labelled_grid_layout():
 
 def _tiny_cfg(shapes, out_dir):
     cfg = get_cfg()
-    merge_config(cfg, MASK_RCNN, [
-        *shapes.cfg_opts, "OUTPUT_DIR", str(out_dir), "MODEL.DEVICE", "cpu",
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1",
-        "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(64,)",
-        "INPUT.MIN_SIZE_TEST", "64", "MODEL.RPN.POST_NMS_TOPK_TEST", "20",
-        "MODEL.ROI_BOX_HEAD.NUM_CONV", "0", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "5",
-    ])
+    merge_config(
+        cfg,
+        MASK_RCNN,
+        [
+            *shapes.cfg_opts,
+            "OUTPUT_DIR",
+            str(out_dir),
+            "MODEL.DEVICE",
+            "cpu",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "SOLVER.MAX_ITER",
+            "2",
+            "SOLVER.WARMUP_ITERS",
+            "1",
+            "SOLVER.STEPS",
+            "()",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "INPUT.MIN_SIZE_TEST",
+            "64",
+            "MODEL.RPN.POST_NMS_TOPK_TEST",
+            "20",
+            "MODEL.ROI_BOX_HEAD.NUM_CONV",
+            "0",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            "32",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+            "0.0",
+            "TEST.DETECTIONS_PER_IMAGE",
+            "5",
+        ],
+    )
     return cfg
 
 

@@ -175,7 +175,5 @@ def test_knet_rank_targets_and_loss():
     assert torch.autograd.gradcheck(lambda x: rank_loss(x, tgt[None]), (logits,))
     none = knet_rank_targets(torch.zeros(0, 2, 2))
     assert (none == 255).all() and none.shape == (2, 2)
-    all_ignored = rank_loss(
-        torch.zeros(1, 2, 2, 2, requires_grad=True), torch.full((1, 2, 2), 255)
-    )
+    all_ignored = rank_loss(torch.zeros(1, 2, 2, 2, requires_grad=True), torch.full((1, 2, 2), 255))
     assert all_ignored.item() == 0.0 and all_ignored.grad_fn is not None

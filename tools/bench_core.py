@@ -395,13 +395,18 @@ def _train_job(settings: Any, entry: Any, out_dir: str, threads: int) -> tuple[s
 
 
 def train_parallel(
-    jobs: Sequence[tuple[Any, Any, str]], workers: int, on_done: Callable[[int], None]
+    jobs: Sequence[tuple[Any, Any, str]],
+    workers: int,
+    on_done: Callable[[int], None],
+    order: Sequence[int] | None = None,
 ) -> dict[int, tuple[str, float] | str]:
     """Train rows in ``workers`` processes at once (each with cores // workers threads).
 
     Args:
         jobs: (settings, entry, out_dir) per row and seed to train.
         on_done: called with a job's index when it finishes.
+        order: the order in which jobs are started (e.g. the longest first, so that the last
+            one to finish does not start last); default: as given.
     Returns:
         job index -> (checkpoint, s/iter), or an error message.
     """
@@ -411,7 +416,8 @@ def train_parallel(
     threads = max(1, (os.cpu_count() or 1) // workers)
     done: dict[int, tuple[str, float] | str] = {}
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_job, s, e, d, threads): i for i, (s, e, d) in enumerate(jobs)}
+        order = order if order is not None else range(len(jobs))
+        futures = {pool.submit(_train_job, *jobs[i], threads): i for i in order}
         for fut in cf.as_completed(futures):
             i = futures[fut]
             try:

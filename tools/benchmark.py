@@ -160,42 +160,66 @@ class Settings:
     opts: tuple[str, ...] = field(default_factory=tuple)  # KEY VALUE for every row, applied last
 
 
-#: Named schedules. "quick" is sized so that the ten default rows finish within 30 minutes on an
-#: idle 2-core CPU (tools/main_job.py): 240 training images per row, about 1.5 CPU-s per image for
-#: each R-CNN baseline (their GN RoI heads) and 0.1-0.3 for each query-based model, measured on
-#: this project's `shapes` configs. A smoke-level comparison: cost columns are meaningful, the
-#: models are far from converged. "full" keeps every config's documented `shapes` schedule
-#: (600 x 8 images; 600 train / 100 val images). "cpu" is the learning tests' scale, for a
-#: same-schedule accuracy comparison that fits about an hour on an idle 2-core CPU: 64 px images
-#: (200 train / 50 val), 300 iterations x 8 images, every config's own LR and recipe.
+#: The input of the quick and cpu schedules: `shapes` (standard preset) at 96 px, trained at
+#: short sides 80-112 (multi-scale, as the papers' COCO recipes), tested at 96.
+_SHAPES_96 = (
+    "INPUT.MIN_SIZE_TRAIN",
+    "(80, 88, 96, 104, 112)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "192",
+    "INPUT.MAX_SIZE_TEST",
+    "192",
+)
+#: One row per method plus Mask R-CNN, and FastInst's panoptic and semantic rows (the quick
+#: schedule's budget; ``--all-rows`` for every default entry).
+QUICK_ROWS = (
+    "Mask R-CNN R18-FPN-GN",
+    "K-Net R18",
+    "QueryInst R18-FPN",
+    "FastInst-D1 R18",
+    "FastInst-D1 R18 (panoptic)",
+    "FastInst-D1 R18 (semantic)",
+    "EmbedMask R18-FPN",
+)
+
+#: Named schedules (docs/benchmark.md). All train from scratch on the standard `shapes` preset
+#: at 96 px, 600 train / 100 val images, 8 images per batch, each config's own optimizer and LR.
+#: "quick" (``make demo``): the 7 ``QUICK_ROWS``, 600 iterations each, two rows training at
+#: once (1 thread each; then each row is evaluated and timed alone): within 30 minutes on an idle
+#: 2-core CPU, install included. Measured at 96 px, 1 thread, s/iter: Mask R-CNN 1.01, K-Net
+#: 0.30, QueryInst 0.66, FastInst 0.33-0.35, EmbedMask 0.69.
+#: "cpu": every default row, 1200 iterations, three seeds (mean ± std; ties marked): from the
+#: same per-iteration times (all ten rows: 5.7 s per iteration of every row at 1 thread), about
+#: 57 minutes per seed, 3 hours in all, on an idle 2-core CPU. "full": every config's own
+#: documented `shapes` schedule (600 x 8 images at 128 px).
 SCHEDULES: dict[str, dict[str, Any]] = {
     "quick": {
-        "max_iter": 120,
-        "ims_per_batch": 2,
-        "num_workers": 1,
-        "num_train": 240,
-        "num_val": 40,
-        "repeats": 10,
-        "warmup": 3,
-    },
-    "cpu": {
-        "max_iter": 300,
+        "max_iter": 600,
         "ims_per_batch": 8,
         "num_workers": 1,
-        "image_size": 64,
-        "num_train": 200,
-        "num_val": 50,
-        "input_size": 64,
+        "jobs": 2,
+        "image_size": 96,
+        "num_train": 600,
+        "num_val": 100,
+        "input_size": 96,
         "repeats": 10,
         "warmup": 3,
-        "opts": (
-            "INPUT.MIN_SIZE_TRAIN",
-            "(64,)",
-            "INPUT.MAX_SIZE_TRAIN",
-            "128",
-            "INPUT.MAX_SIZE_TEST",
-            "128",
-        ),
+        "rows": QUICK_ROWS,
+        "opts": _SHAPES_96,
+    },
+    "cpu": {
+        "max_iter": 1200,
+        "ims_per_batch": 8,
+        "num_workers": 1,
+        "jobs": 2,
+        "seeds": (1, 2, 3),
+        "image_size": 96,
+        "num_train": 600,
+        "num_val": 100,
+        "input_size": 96,
+        "repeats": 10,
+        "warmup": 3,
+        "opts": _SHAPES_96,
     },
     "full": {},
 }
@@ -299,8 +323,12 @@ def run_entries(
         ]
         costs = [measurer.cost(entries[i]) for i, _ in todo]
         logger.info("training %d rows, %d at a time", len(jobs), settings.jobs)
+        longest_first = sorted(range(len(jobs)), key=lambda k: -costs[k][0] * costs[k][1])
         done = train_parallel(
-            jobs, settings.jobs, on_done=lambda k: bar.advance(costs[k][0] * 0.9 / len(seeds))
+            jobs,
+            settings.jobs,
+            on_done=lambda k: bar.advance(costs[k][0] * 0.9 / len(seeds)),
+            order=longest_first,
         )
         trained = {todo[k]: v for k, v in done.items()}
         measurer.parallel = settings.jobs

@@ -1,13 +1,14 @@
-"""K-Net learns on `shapes` through the real evaluators: instance (mask AP), panoptic (PQ) and
-semantic (mIoU), the shapes configs otherwise unchanged. Semantic: 96 px, 250 iterations (~4 min on
-an idle 2-core CPU). Instance and panoptic need 128 px, 400 images, 16 kernels and 1500 iterations
-(~12 min each): from scratch, the thing classes separate slowly (projects/knet/README.md, "Known
-gap")."""
+"""K-Net learns on `shapes` (standard preset) through the real evaluators: instance (mask AP),
+panoptic (PQ) and semantic (mIoU), the shapes configs otherwise unchanged. Instance: a row of the
+quick schedule (``learning.quick_schedule``, 96 px, 600 x 8 images, ~3 min on an idle 2-core CPU).
+Semantic: 96 px, 250 iterations (~4 min). Panoptic: 128 px, 400 images, 16 kernels and 1500
+iterations (~12 min): from scratch, the thing classes separate slowly (projects/knet/README.md,
+"Known gap")."""
 
 from __future__ import annotations
 
 import pytest
-from learning import loss_fell, train_and_evaluate
+from learning import loss_fell, quick_schedule, train_and_evaluate
 
 SHAPES = "projects/knet/configs/shapes/"
 
@@ -41,21 +42,22 @@ def _long() -> list[str]:
 
 @pytest.mark.slow
 def test_knet_instance_learns_on_shapes(tmp_path):
-    # Seed 42 measured segm / bbox AP 4.51 / 4.44 (500 iterations: 1.58 / 1.67).
-    overrides = [*_long(), "MODEL.KNET.TEST.MAX_PER_IMAGE", "16"]
+    # Seed 42 (one thread) measured segm / bbox AP 0.3 / 0.4 after 150 iterations, 4.6 / 5.2
+    # after 300, 9.4 / 8.9 after 450, 11.5 / 11.3 after 600 (the hard preset's 1500 iterations
+    # at 128 px reached 4.5 / 4.4).
     losses, results = train_and_evaluate(
-        SHAPES + "knet_R18_shapes_instance.yaml", overrides, str(tmp_path), threads=2
+        SHAPES + "knet_R18_shapes_instance.yaml", quick_schedule(600), str(tmp_path), threads=2
     )
     assert loss_fell(losses, 0.5), losses
-    assert results["segm"]["AP"] > 2.0, results["segm"]
-    assert results["bbox"]["AP"] > 2.0, results["bbox"]
+    assert results["segm"]["AP"] > 8.0, results["segm"]
+    assert results["bbox"]["AP"] > 8.0, results["bbox"]
 
 
 @pytest.mark.slow
 def test_knet_panoptic_learns_on_shapes(tmp_path):
-    # Seed 42 measured PQ 40.2, stuff 89.1, things 1.2 (708 s): the stuff kernels learn fast;
-    # the things' class scores are still ~0.2 at the end, so most fall below the merge's 0.3
-    # score threshold (kept, as the official code) — the ones that pass must be right.
+    # On the hard preset seed 42 measured PQ 40.2, stuff 89.1, things 1.2 (708 s): the things'
+    # class scores stayed ~0.2, below the merge's 0.3 score threshold (kept, as the official
+    # code). On the standard preset the things' threshold is 4x that one's.
     losses, results = train_and_evaluate(
         SHAPES + "knet_R18_shapes_panoptic.yaml", _long(), str(tmp_path), threads=2
     )
@@ -64,7 +66,7 @@ def test_knet_panoptic_learns_on_shapes(tmp_path):
     # a single stuff class painted everywhere scores PQ < 12 (1 of 9 categories)
     assert pq["PQ"] > 30.0, pq
     assert pq["PQ_st"] > 60.0, pq
-    assert pq["PQ_th"] > 0.5, pq
+    assert pq["PQ_th"] > 2.0, pq
 
 
 @pytest.mark.slow

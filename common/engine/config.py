@@ -20,6 +20,7 @@ from detectron2.config import CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
 
 from common.engine.defaults import add_common_config
+from common.engine.finalize import explicit_keys, finalize_config
 from common.engine.projects import load_projects
 
 logger = logging.getLogger(__name__)
@@ -91,9 +92,15 @@ def load_yaml_with_bases(path: str) -> dict[str, Any]:
     return _deep_update(merged, raw)
 
 
-def merge_config(cfg: CfgNode, config_file: str | None, opts: list[str] | None) -> CfgNode:
+def merge_config(
+    cfg: CfgNode, config_file: str | None, opts: list[str] | None, finalize: bool = True
+) -> CfgNode:
     """Merge ``config_file`` (with its ``_BASE_`` chain) then ``opts`` into ``cfg``, with errors
-    that name the file and the bad key."""
+    that name the file and the bad key, then (``finalize``) resolve the derived keys
+    (``MODEL.TASK``, ``MODEL.NUM_CLASSES`` and what follows from them:
+    :func:`common.engine.finalize.finalize_config`); the keys the file chain or ``opts`` set
+    count as explicit."""
+    loaded: dict[str, Any] = {}
     if config_file:
         loaded = load_yaml_with_bases(config_file)
         version = loaded.get("VERSION", cfg.VERSION)
@@ -110,6 +117,8 @@ def merge_config(cfg: CfgNode, config_file: str | None, opts: list[str] | None) 
             cfg.merge_from_list(list(opts))
         except (KeyError, AssertionError) as e:
             raise _explain_key_error(cfg, e, "command-line override") from None
+    if finalize:
+        finalize_config(cfg, explicit_keys(loaded, opts or ()))
     if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
         logger.warning("SOLVER.AMP.ENABLED is set but CUDA is absent: training in fp32 on the CPU")
         cfg.SOLVER.AMP.ENABLED = False

@@ -16,6 +16,20 @@ def add_common_config(cfg: CN) -> None:
     cfg.QUERYSEG_COMMON = True  # marker: common keys present
     add_model_config(cfg)  # backbone variants (ResNet-vd/D8, Swin) and the MSDeformAttn decoder
 
+    # ---- the task and the class count, stated once (common.engine.finalize) ------------
+    # What the model segments: "instance" | "panoptic" | "semantic"; "" derives it from the
+    # evaluator_type of DATASETS.TRAIN[0] (else TEST[0]). INPUT.DATASET_MAPPER_NAME,
+    # TEST.EVAL_TASKS and each model's output flags are derived from it unless a config sets
+    # them, and a value that contradicts it is an error naming both keys.
+    cfg.MODEL.TASK = ""
+    # Classes the model predicts (instance: thing classes; panoptic: thing + stuff; semantic:
+    # every class). -1 derives it from DATASETS.TRAIN[0]'s metadata; a set value must agree with
+    # it. The methods' old keys (MODEL.SEM_SEG_HEAD.NUM_CLASSES for FastInst / K-Net semantic,
+    # MODEL.QUERYINST.NUM_CLASSES, MODEL.FCOS.NUM_CLASSES, MODEL.KNET.NUM_THING_CLASSES /
+    # NUM_STUFF_CLASSES) are deprecated aliases, written from this one. Detectron2's own models
+    # (Mask R-CNN, Panoptic FPN) keep reading Detectron2's keys.
+    cfg.MODEL.NUM_CLASSES = -1
+
     # ---- checkpoints (common.engine.checkpoint.QSCheckpointer) ----------------------------
     # Refuse MODEL.WEIGHTS that do not fit the model (another meta-architecture, missing or
     # unexpected keys, wrong shapes) instead of loading what fits. False: Detectron2's behaviour
@@ -27,6 +41,8 @@ def add_common_config(cfg: CN) -> None:
     # ---- data pipeline -------------------------------------------------------------------
     # Name of the training dataset mapper in common.data.MAPPER_REGISTRY:
     # "instance" | "panoptic" | "semantic" | "detectron2" (Detectron2's own DatasetMapper).
+    # Derived from MODEL.TASK (the mapper of that name) unless a config sets it; "detectron2"
+    # (or another registered mapper) may serve any task.
     cfg.INPUT.DATASET_MAPPER_NAME = "instance"
     # Large-scale jitter (Copy-Paste/LSJ style): resize to IMAGE_SIZE * U(MIN_SCALE, MAX_SCALE),
     # then crop/pad to IMAGE_SIZE. Replaces the ResizeShortestEdge + crop chain when enabled.
@@ -46,14 +62,21 @@ def add_common_config(cfg: CN) -> None:
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # Colour augmentation (photometric distortion, as mmseg's ADE20K pipelines use).
     cfg.INPUT.COLOR_AUG_SSD = False
-    # Pad images to a multiple of this inside the mapper (semantic/LSJ) or in the model.
+    # The padding policy (common.modeling.meta_arch.padding_multiples): every model pads its
+    # batch to a multiple of max(the backbone's multiple, this); -1 = the backbone's alone.
+    # The backbone's multiple is its size_divisibility, else its coarsest output stride.
     cfg.INPUT.SIZE_DIVISIBILITY = -1
+    # The same at test time; -1 = INPUT.SIZE_DIVISIBILITY (e.g. 32 where training pads to the
+    # crop size, as K-Net's semantic configs do).
+    cfg.INPUT.SIZE_DIVISIBILITY_TEST = -1
     # Drop instances smaller than this many pixels after augmentation.
     cfg.INPUT.MIN_INSTANCE_AREA = 1
 
     # ---- evaluation ----------------------------------------------------------------------
     # What the model outputs, used by the evaluator factory (common.data.evaluation):
-    # any of "segm", "bbox", "panoptic_seg", "sem_seg".
+    # any of "segm", "bbox", "panoptic_seg", "sem_seg". Derived from MODEL.TASK (instance:
+    # segm + bbox, panoptic: panoptic_seg, semantic: sem_seg) unless a config sets it; a set
+    # value must hold the task's output and nothing the task cannot produce.
     cfg.TEST.EVAL_TASKS = ("segm", "bbox")
 
     # ---- solver --------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """What every QuerySeg meta-architecture shares: normalising and padding the input images, the
-padding policy, and the class-count check against the dataset's metadata.
+padding policy, and the class count (resolved by ``common.engine.finalize``).
 
 Each meta-architecture keeps the Detectron2 skeleton (``forward`` -> ``preprocess_image`` ->
 backbone -> head -> criterion / inference) and calls these instead of its own copies.
@@ -10,24 +10,56 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from detectron2.data import MetadataCatalog
 from detectron2.structures import ImageList
 from torch import Tensor, nn
 
 __all__ = [
     "backbone_size_divisibility",
     "check_images",
-    "check_num_classes",
     "metadata_class_count",
     "normalize_and_pad",
+    "num_classes",
+    "padding_multiples",
 ]
 
 
 def backbone_size_divisibility(backbone: nn.Module) -> int:
-    """The backbone's own padding multiple (Detectron2's ``Backbone.size_divisibility``, a
-    property or a method; 0 when it has none)."""
+    """The backbone's own padding multiple: Detectron2's ``Backbone.size_divisibility`` (a
+    property or a method) when set, else its coarsest output stride (Detectron2's ResNet
+    reports 0 although its res5 has stride 32); 0 for a module with neither."""
     div = getattr(backbone, "size_divisibility", 0)
-    return int(div() if callable(div) else div)
+    div = int(div() if callable(div) else div)
+    if div > 0:
+        return div
+    output_shape = getattr(backbone, "output_shape", None)
+    if output_shape is None:
+        return 0
+    return max((int(s.stride or 0) for s in output_shape().values()), default=0)
+
+
+def padding_multiples(backbone: nn.Module, cfg: Any) -> tuple[int, int]:
+    """QuerySeg's one padding policy: (training, test) multiples the batch is zero-padded to,
+    ``max(backbone_size_divisibility(backbone), INPUT.SIZE_DIVISIBILITY[_TEST], 1)``, where
+    ``INPUT.SIZE_DIVISIBILITY_TEST`` -1 means ``INPUT.SIZE_DIVISIBILITY``."""
+    base = backbone_size_divisibility(backbone)
+    train = int(cfg.INPUT.SIZE_DIVISIBILITY)
+    test = int(cfg.INPUT.get("SIZE_DIVISIBILITY_TEST", -1))
+    test = train if test < 0 else test
+    return max(base, train, 1), max(base, test, 1)
+
+
+def num_classes(cfg: Any) -> int:
+    """``MODEL.NUM_CLASSES`` as ``common.engine.finalize`` resolved it; ``ValueError`` when it
+    is still -1 (no config set it and the training set's metadata does not list the classes)."""
+    n = int(cfg.MODEL.NUM_CLASSES)
+    if n < 0:
+        data = ", ".join(cfg.DATASETS.TRAIN) or "none"
+        raise ValueError(
+            f"MODEL.NUM_CLASSES is -1 (derive) but the training set ({data}) lists no classes "
+            f"for MODEL.TASK={cfg.MODEL.TASK!r}: set MODEL.NUM_CLASSES (a config built without "
+            "merge_config needs common.engine.finalize.finalize_config(cfg))"
+        )
+    return n
 
 
 def check_images(batched_inputs: Sequence[dict[str, Any]], channels: int, model: str) -> None:
@@ -79,13 +111,3 @@ def metadata_class_count(metadata: Any, field: str) -> int:
         if id_map:
             return len(id_map)
     return len(getattr(metadata, field, None) or [])
-
-
-def check_num_classes(cfg: Any, key: str, num_classes: int, field: str = "thing_classes") -> None:
-    """Raise ``ValueError`` when the class count under config ``key`` disagrees with ``field``
-    (``thing_classes`` / ``stuff_classes``) of the first training set's metadata; silent when
-    there is no training set or its metadata has no such list."""
-    for name in cfg.DATASETS.TRAIN[:1]:
-        count = metadata_class_count(MetadataCatalog.get(name), field)
-        if count and count != num_classes:
-            raise ValueError(f"{key}={num_classes} but dataset {name!r} has {count} {field}")

@@ -5,7 +5,7 @@ Importing the package registers the ``EmbedMask`` meta-architecture and the
 """
 
 from . import backbone  # noqa: F401  (registers build_fcos_resnet_fpn_backbone)
-from .config import add_embedmask_config, add_fcos_config
+from .config import add_embedmask_config, add_fcos_config, finalize_embedmask_config
 from .embed_head import EmbedMaskHead, mask_log_probability
 from .embedmask import EmbedMask
 from .fcos import FCOS, FCOSHead
@@ -14,6 +14,7 @@ from .mask_loss import EmbedMaskLoss
 __all__ = [
     "add_embedmask_config",
     "add_fcos_config",
+    "finalize_embedmask_config",
     "EmbedMask",
     "EmbedMaskHead",
     "EmbedMaskLoss",

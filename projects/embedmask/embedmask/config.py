@@ -7,13 +7,25 @@ FCOS as both official codebases configure it; see projects/embedmask/README.md f
 from detectron2.config import CfgNode as CN
 
 
+def finalize_embedmask_config(cfg: CN, fin) -> None:
+    """Derive EmbedMask's keys at config finalisation (``common.engine.finalize``): the
+    deprecated ``MODEL.FCOS.NUM_CLASSES`` follows ``MODEL.NUM_CLASSES``; the task must be
+    "instance"."""
+    if cfg.MODEL.META_ARCHITECTURE != "EmbedMask":
+        return
+    fin.num_classes_alias("MODEL.FCOS.NUM_CLASSES")
+    if fin.task != "instance":
+        raise ValueError(f"EmbedMask segments instances only, but {fin.source('MODEL.TASK')}")
+
+
 def add_fcos_config(cfg: CN) -> None:
     """Add ``MODEL.FCOS.*`` (the FCOS detector of :mod:`embedmask.fcos`), in place."""
     if hasattr(cfg.MODEL, "FCOS"):
         return
     cfg.MODEL.FCOS = CN()
-    # Number of foreground classes (no background column; COCO 80).
-    cfg.MODEL.FCOS.NUM_CLASSES = 80
+    # Deprecated alias of MODEL.NUM_CLASSES (the foreground classes, no background column),
+    # written from it at config finalisation; -1 = unset. Set MODEL.NUM_CLASSES instead.
+    cfg.MODEL.FCOS.NUM_CLASSES = -1
     # FPN levels the head runs on, finest first, and their strides.
     cfg.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
     cfg.MODEL.FCOS.FPN_STRIDES = [8, 16, 32, 64, 128]

@@ -19,8 +19,8 @@ from torch.nn import functional as F
 
 from common.modeling.meta_arch import (
     backbone_size_divisibility,
-    check_num_classes,
     normalize_and_pad,
+    padding_multiples,
 )
 
 from .embed_head import EmbedMaskHead, mask_log_probability
@@ -53,6 +53,7 @@ class EmbedMask(nn.Module):
         mask_threshold: float = 0.53,
         mask_box_crop: bool = True,
         mask_resize: str = "padded",
+        size_divisibility: tuple[int, int] | None = None,
     ):
         """
         Args:
@@ -66,6 +67,7 @@ class EmbedMask(nn.Module):
             mask_box_crop: compute masks only inside the detected box (+2 px at stride 4).
             mask_resize: "padded" (v2's COCO evaluator: resize the padded stride-4 grid by
                 out / in, then crop) or "exact" (sample each output pixel's exact position).
+            size_divisibility: (training, test) padding multiples; None: the backbone's.
         """
         super().__init__()
         self.backbone = backbone
@@ -80,6 +82,9 @@ class EmbedMask(nn.Module):
                 f"MODEL.EMBEDMASK.MASK_RESIZE must be one of {MASK_RESIZES}, got {mask_resize!r}"
             )
         self.mask_resize = mask_resize
+        if size_divisibility is None:
+            size_divisibility = (backbone_size_divisibility(backbone),) * 2
+        self.size_divisibility = tuple(size_divisibility)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         shapes = backbone.output_shape()
@@ -95,7 +100,6 @@ class EmbedMask(nn.Module):
     def from_config(cls, cfg: CfgNode) -> dict:
         backbone = build_backbone(cfg)
         in_channels = backbone.output_shape()[cfg.MODEL.FCOS.IN_FEATURES[0]].channels
-        check_num_classes(cfg, "MODEL.FCOS.NUM_CLASSES", cfg.MODEL.FCOS.NUM_CLASSES)
         e = cfg.MODEL.EMBEDMASK
         return {
             "backbone": backbone,
@@ -116,6 +120,7 @@ class EmbedMask(nn.Module):
             "mask_threshold": e.MASK_TH,
             "mask_box_crop": e.MASK_BOX_CROP,
             "mask_resize": e.MASK_RESIZE,
+            "size_divisibility": padding_multiples(backbone, cfg),
         }
 
     @property
@@ -169,8 +174,8 @@ class EmbedMask(nn.Module):
         return self.inference(detections, pixel_embed, batched_inputs, images.image_sizes)
 
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
-        """Normalise and pad to the backbone's size divisibility. Returns [B, 3, H, W]."""
-        div = backbone_size_divisibility(self.backbone)
+        """Normalise and pad (``common.modeling.meta_arch.padding_multiples``): [B, 3, H, W]."""
+        div = self.size_divisibility[0 if self.training else 1]
         return normalize_and_pad(batched_inputs, self.pixel_mean, self.pixel_std, div, "EmbedMask")
 
     def inference(

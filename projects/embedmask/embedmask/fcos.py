@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from torchvision.ops import batched_nms, nms
 
 from common.modeling.losses import bce_with_logits_loss, giou_loss, sigmoid_focal_loss
+from common.modeling.meta_arch import num_classes
 
 INF = 1e8
 #: "maskrcnn-benchmark": boxes are inclusive pixel indices (x2 = x + w - 1), as the official
@@ -183,7 +184,7 @@ class FCOSHead(nn.Module):
     def from_config(cls, cfg: CfgNode, in_channels: int) -> dict:
         return {
             "in_channels": in_channels,
-            "num_classes": cfg.MODEL.FCOS.NUM_CLASSES,
+            "num_classes": num_classes(cfg),
             "num_levels": len(cfg.MODEL.FCOS.IN_FEATURES),
             "num_convs": cfg.MODEL.FCOS.NUM_CONVS,
             "norm": cfg.MODEL.FCOS.NORM,

@@ -10,13 +10,14 @@ from . import fastinst as _meta_arch  # noqa: F401  (registers FastInst)
 from . import head as _head  # noqa: F401  (registers FastInstHead)
 from . import losses as _losses  # noqa: F401  (registers its cost and loss terms)
 from . import pixel_decoder as _pixel_decoder  # noqa: F401  (registers the FPNs)
-from .config import add_fastinst_config
+from .config import add_fastinst_config, finalize_fastinst_config
 from .decoder import FastInstDecoder
 from .fastinst import FastInst, build_fastinst_criterion
 from .query_proposal import QueryProposal, local_maximum_map
 
 __all__ = [
     "add_fastinst_config",
+    "finalize_fastinst_config",
     "FastInst",
     "FastInstDecoder",
     "QueryProposal",

@@ -8,6 +8,33 @@ that every default names a class that exists (the official defaults ``FastInstEn
 
 from detectron2.config import CfgNode as CN
 
+# MODEL.TASK -> (INSTANCE_ON, SEMANTIC_ON, PANOPTIC_ON) derived, and which of them a config may
+# set otherwise (the panoptic model may also output instances and sem_seg).
+_OUTPUTS = {
+    "instance": ((True, False, False), (False, False, False)),
+    "panoptic": ((True, False, True), (True, True, False)),
+    "semantic": ((False, True, False), (False, False, False)),
+}
+
+
+def finalize_fastinst_config(cfg: CN, fin) -> None:
+    """Derive FastInst's keys at config finalisation (``common.engine.finalize``): the
+    deprecated ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` and ``MODEL.FASTINST.SIZE_DIVISIBILITY``
+    follow ``MODEL.NUM_CLASSES`` and ``INPUT.SIZE_DIVISIBILITY``, the ``TEST.*_ON`` outputs
+    follow ``MODEL.TASK``."""
+    if cfg.MODEL.META_ARCHITECTURE != "FastInst":
+        return
+    fin.num_classes_alias("MODEL.SEM_SEG_HEAD.NUM_CLASSES")
+    fin.alias("MODEL.FASTINST.SIZE_DIVISIBILITY", "INPUT.SIZE_DIVISIBILITY")
+    values, free = _OUTPUTS[fin.task]
+    for name, value, optional in zip(("INSTANCE_ON", "SEMANTIC_ON", "PANOPTIC_ON"), values, free):
+        fin.derive(
+            f"MODEL.FASTINST.TEST.{name}",
+            value,
+            "MODEL.TASK",
+            agrees=(lambda v: True) if optional else None,
+        )
+
 
 def add_fastinst_config(cfg: CN) -> None:
     """Add FastInst's keys to ``cfg`` in place. Safe to call twice."""
@@ -45,8 +72,12 @@ def add_fastinst_config(cfg: CN) -> None:
     f.OVERSAMPLE_RATIO = 3.0  # PointRend oversampling of candidate points (losses)
     f.IMPORTANCE_SAMPLE_RATIO = 0.75  # share of most-uncertain points (losses)
     # ---- input ---------------------------------------------------------------------------
-    f.SIZE_DIVISIBILITY = 32  # pad images to this multiple in the model (-1: the backbone's)
+    # deprecated alias of INPUT.SIZE_DIVISIBILITY (the shared padding policy); -1 = unset
+    f.SIZE_DIVISIBILITY = -1
     # ---- inference (Mask2Former-style) ---------------------------------------------------
+    # The three outputs follow MODEL.TASK at config finalisation (finalize_fastinst_config)
+    # unless a config sets them: the task's own output is on; panoptic may add instances
+    # (on by default) and sem_seg; the others are off.
     f.TEST = CN()
     f.TEST.INSTANCE_ON = True  # output "instances" (scores x mask scores, top-k, no NMS)
     f.TEST.SEMANTIC_ON = False  # output "sem_seg" (sum of class prob x mask prob)

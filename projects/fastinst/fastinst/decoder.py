@@ -25,6 +25,7 @@ from detectron2.config import CfgNode, configurable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from common.modeling.meta_arch import num_classes
 from common.modeling.position_encoding import sine_position_encoding
 
 from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
@@ -125,7 +126,7 @@ class FastInstDecoder(nn.Module):
     def from_config(cls, cfg: CfgNode) -> dict[str, Any]:
         f = cfg.MODEL.FASTINST
         return {
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "num_classes": num_classes(cfg),
             "hidden_dim": f.HIDDEN_DIM,
             "num_queries": f.NUM_OBJECT_QUERIES,
             "num_aux_queries": f.NUM_AUX_QUERIES,

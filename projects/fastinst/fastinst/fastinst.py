@@ -27,8 +27,9 @@ from common.modeling.criterion import SetCriterion
 from common.modeling.matcher import HungarianMatcher
 from common.modeling.meta_arch import (
     backbone_size_divisibility,
-    check_num_classes,
     normalize_and_pad,
+    num_classes,
+    padding_multiples,
 )
 
 from .inference import instance_inference, panoptic_inference, semantic_inference, thing_class_ids
@@ -92,7 +93,7 @@ class FastInst(nn.Module):
         num_classes: int,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
-        size_divisibility: int = 32,
+        size_divisibility: int | tuple[int, int] = 32,
         metadata: Any = None,
         instance_on: bool = True,
         semantic_on: bool = False,
@@ -109,7 +110,8 @@ class FastInst(nn.Module):
             criterion: shared set criterion with FastInst's matcher (its weights applied).
             num_classes: C foreground classes.
             pixel_mean, pixel_std: per-channel input normalisation.
-            size_divisibility: pad inputs to a multiple of this (-1: the backbone's).
+            size_divisibility: pad inputs to a multiple of this (-1: the backbone's), or
+                (training, test) multiples (``common.modeling.meta_arch.padding_multiples``).
             metadata: dataset metadata (thing ids for panoptic inference).
             instance_on, semantic_on, panoptic_on: which outputs inference returns.
             test_topk_per_image: detections per image (instance inference).
@@ -122,9 +124,11 @@ class FastInst(nn.Module):
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
         self.num_classes = num_classes
-        if size_divisibility < 0:
-            size_divisibility = backbone_size_divisibility(backbone)
-        self.size_divisibility = int(size_divisibility)
+        if isinstance(size_divisibility, int):
+            if size_divisibility < 0:
+                size_divisibility = backbone_size_divisibility(backbone)
+            size_divisibility = (size_divisibility, size_divisibility)
+        self.size_divisibility = tuple(int(d) for d in size_divisibility)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.metadata = metadata
@@ -143,10 +147,7 @@ class FastInst(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict[str, Any]:
-        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        per_segment = cfg.INPUT.DATASET_MAPPER_NAME in ("panoptic", "semantic")
-        field = "stuff_classes" if per_segment else "thing_classes"
-        check_num_classes(cfg, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", num_classes, field)
+        n_classes = num_classes(cfg)
         backbone = build_backbone(cfg)
         if cfg.MODEL.SEM_SEG_HEAD.NAME == "SemSegFPNHead":  # detectron2's default: not ours
             from .head import FastInstHead
@@ -158,11 +159,11 @@ class FastInst(nn.Module):
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
-            "criterion": build_fastinst_criterion(cfg, num_classes),
-            "num_classes": num_classes,
+            "criterion": build_fastinst_criterion(cfg, n_classes),
+            "num_classes": n_classes,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "size_divisibility": cfg.MODEL.FASTINST.SIZE_DIVISIBILITY,
+            "size_divisibility": padding_multiples(backbone, cfg),
             "metadata": MetadataCatalog.get(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None,
             "instance_on": test.INSTANCE_ON,
             "semantic_on": test.SEMANTIC_ON,
@@ -201,11 +202,10 @@ class FastInst(nn.Module):
         return self.criterion(outputs, targets)
 
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
-        """Normalise and pad the images to ``size_divisibility``. Returns an ImageList whose
-        tensor is [B, 3, H_pad, W_pad]."""
-        return normalize_and_pad(
-            batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility, "FastInst"
-        )
+        """Normalise and pad the images to ``size_divisibility`` (training or test). Returns an
+        ImageList whose tensor is [B, 3, H_pad, W_pad]."""
+        div = self.size_divisibility[0 if self.training else 1]
+        return normalize_and_pad(batched_inputs, self.pixel_mean, self.pixel_std, div, "FastInst")
 
     def prepare_targets(
         self, instances: list[Instances], padded_size: Sequence[int]
@@ -222,7 +222,7 @@ class FastInst(nn.Module):
             labels = inst.gt_classes.long()
             if labels.numel() and int(labels.max()) >= self.num_classes:
                 raise ValueError(
-                    f"ground-truth class {int(labels.max())} >= MODEL.SEM_SEG_HEAD.NUM_CLASSES "
+                    f"ground-truth class {int(labels.max())} >= MODEL.NUM_CLASSES "
                     f"({self.num_classes})"
                 )
             h, w = inst.image_size

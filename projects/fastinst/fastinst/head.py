@@ -16,6 +16,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import Tensor, nn
 
+from common.modeling.meta_arch import num_classes
+
 from .decoder import FastInstDecoder
 from .pixel_decoder import build_pixel_decoder
 
@@ -50,7 +52,7 @@ class FastInstHead(nn.Module):
                 "the pixel decoder's maps directly"
             )
         return {
-            "num_classes": head.NUM_CLASSES,
+            "num_classes": num_classes(cfg),
             "pixel_decoder": build_pixel_decoder(cfg, input_shape),
             "predictor": FastInstDecoder(cfg),
         }

@@ -3,6 +3,72 @@
 from detectron2.config import CfgNode as CN
 
 
+def finalize_knet_config(cfg: CN, fin) -> None:
+    """Derive K-Net's keys at config finalisation (``common.engine.finalize``).
+
+    ``KNet``: the deprecated ``MODEL.KNET.TASK`` follows ``MODEL.TASK`` (instance or panoptic);
+    ``NUM_THING_CLASSES`` / ``NUM_STUFF_CLASSES`` split ``MODEL.NUM_CLASSES`` (both set and
+    ``MODEL.NUM_CLASSES`` unset: their sum). ``KNetSemantic``: the deprecated
+    ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` follows ``MODEL.NUM_CLASSES``; the task is semantic.
+    """
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "KNetSemantic":
+        fin.num_classes_alias("MODEL.SEM_SEG_HEAD.NUM_CLASSES")
+        if fin.task != "semantic":
+            raise ValueError(f"KNetSemantic is semantic only, but {fin.source('MODEL.TASK')}")
+        return
+    if arch != "KNet":
+        return
+    fin.alias("MODEL.KNET.TASK", "MODEL.TASK")
+    fin.resolve_num_classes()  # the task may have come from the alias
+    if fin.task not in ("instance", "panoptic"):
+        raise ValueError(
+            f"KNet segments instances or panoptic segments, but {fin.source('MODEL.TASK')} "
+            "(semantic: META_ARCHITECTURE KNetSemantic)"
+        )
+    k = cfg.MODEL.KNET
+    if fin.task == "instance":
+        fin.num_classes_alias("MODEL.KNET.NUM_THING_CLASSES")
+        fin.derive("MODEL.KNET.NUM_STUFF_CLASSES", 0, "MODEL.TASK", agrees=lambda v: True)
+        return
+    name, things, total = fin.metadata_counts() or (None, 0, 0)
+    if fin.is_explicit("MODEL.KNET.NUM_THING_CLASSES"):
+        if things and k.NUM_THING_CLASSES != things:
+            raise ValueError(
+                f"MODEL.KNET.NUM_THING_CLASSES={k.NUM_THING_CLASSES} but dataset {name!r} has "
+                f"{things} thing_classes"
+            )
+    elif things:
+        k.NUM_THING_CLASSES = things
+    else:
+        raise ValueError(
+            "K-Net panoptic needs the thing classes: the training set's metadata lists none, "
+            "set MODEL.KNET.NUM_THING_CLASSES"
+        )
+    if fin.is_explicit("MODEL.KNET.NUM_STUFF_CLASSES"):
+        if things and total and k.NUM_STUFF_CLASSES != total - things:
+            raise ValueError(
+                f"MODEL.KNET.NUM_STUFF_CLASSES={k.NUM_STUFF_CLASSES} but dataset {name!r} has "
+                f"{total - things} stuff classes"
+            )
+        total_given = k.NUM_THING_CLASSES + k.NUM_STUFF_CLASSES
+        if cfg.MODEL.NUM_CLASSES < 0:
+            cfg.MODEL.NUM_CLASSES = total_given
+            fin.sources["MODEL.NUM_CLASSES"] = "MODEL.KNET.NUM_THING_CLASSES + NUM_STUFF_CLASSES"
+        elif cfg.MODEL.NUM_CLASSES != total_given:
+            raise ValueError(
+                f"MODEL.KNET.NUM_THING_CLASSES + NUM_STUFF_CLASSES = {total_given} contradicts "
+                f"{fin.source('MODEL.NUM_CLASSES')}; set only MODEL.NUM_CLASSES"
+            )
+    elif cfg.MODEL.NUM_CLASSES >= 0:
+        k.NUM_STUFF_CLASSES = cfg.MODEL.NUM_CLASSES - k.NUM_THING_CLASSES
+    if k.NUM_STUFF_CLASSES < 0:
+        raise ValueError(
+            f"{fin.source('MODEL.NUM_CLASSES')} is fewer than "
+            f"MODEL.KNET.NUM_THING_CLASSES={k.NUM_THING_CLASSES}"
+        )
+
+
 def add_knet_config(cfg: CN) -> None:
     """Add ``MODEL.KNET`` to a Detectron2 config, in place (defaults = the official R50 configs).
 
@@ -12,12 +78,14 @@ def add_knet_config(cfg: CN) -> None:
         return
     cfg.MODEL.KNET = CN()
     k = cfg.MODEL.KNET
-    # "instance" (100 learned kernels) or "panoptic" (+ one stuff kernel per stuff class).
-    k.TASK = "instance"
-    # Number of thing classes predicted by the classifiers (80 on COCO).
-    k.NUM_THING_CLASSES = 80
-    # Number of stuff classes (53 on COCO panoptic); used only when TASK is "panoptic".
-    k.NUM_STUFF_CLASSES = 53
+    # Deprecated alias of MODEL.TASK ("instance": 100 learned kernels; "panoptic": + one stuff
+    # kernel per stuff class; "" = unset). Set MODEL.TASK, or let the dataset decide.
+    k.TASK = ""
+    # The thing / stuff split of MODEL.NUM_CLASSES, derived at config finalisation
+    # (finalize_knet_config): things from the training set's metadata (instance: all classes),
+    # stuff = MODEL.NUM_CLASSES - things (0 for instance). -1 = derive; a set value must agree.
+    k.NUM_THING_CLASSES = -1
+    k.NUM_STUFF_CLASSES = -1
     # Backbone maps fed to the FPN neck (P2..P5), finest first (strides 4..32).
     k.IN_FEATURES = ["res2", "res3", "res4", "res5"]
     # Number of learned (thing) kernels N.

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from detectron2.config import CfgNode, configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList
 from torch import Tensor, nn
@@ -14,7 +13,7 @@ from torch.nn import functional as F
 
 from common.modeling.criterion import SetCriterion
 from common.modeling.matcher import HungarianMatcher
-from common.modeling.meta_arch import check_num_classes, metadata_class_count, normalize_and_pad
+from common.modeling.meta_arch import normalize_and_pad, num_classes, padding_multiples
 
 from .kernel_head import ConvKernelHead
 from .kernel_update_head import KernelUpdateHead
@@ -49,7 +48,7 @@ class KNet(nn.Module):
         panoptic: bool,
         pixel_mean: list[float],
         pixel_std: list[float],
-        size_divisibility: int = 32,
+        size_divisibility: int | tuple[int, int] = 32,
         mask_upsample_stride: int = 2,
         mask_assign_stride: int = 4,
         max_per_image: int = 100,
@@ -69,7 +68,8 @@ class KNet(nn.Module):
             num_thing_classes, num_stuff_classes: T and S (S used in panoptic mode only).
             panoptic: append one stuff kernel per stuff class and output ``panoptic_seg``.
             pixel_mean, pixel_std: input normalization (RGB ImageNet for the official models).
-            size_divisibility: pad inputs to a multiple of this (32).
+            size_divisibility: pad inputs to a multiple of this (32), or (training, test)
+                multiples (``common.modeling.meta_arch.padding_multiples``).
             mask_upsample_stride: upsampling of stage masks (stride 8 -> 4) for loss/inference.
             mask_assign_stride: targets are resized to padded size / this.
             max_per_image, mask_thr: instance inference (top-k, mask threshold).
@@ -86,7 +86,9 @@ class KNet(nn.Module):
         self.num_thing_classes = num_thing_classes
         self.num_stuff_classes = num_stuff_classes
         self.panoptic = panoptic
-        self.size_divisibility = size_divisibility
+        if isinstance(size_divisibility, int):
+            size_divisibility = (size_divisibility, size_divisibility)
+        self.size_divisibility = tuple(size_divisibility)
         self.mask_upsample_stride = mask_upsample_stride
         self.mask_assign_stride = mask_assign_stride
         self.max_per_image = max_per_image
@@ -99,13 +101,13 @@ class KNet(nn.Module):
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict[str, Any]:
         k = cfg.MODEL.KNET
-        if k.TASK not in ("instance", "panoptic"):
-            raise ValueError(f"MODEL.KNET.TASK={k.TASK!r}: expected 'instance' or 'panoptic'")
-        panoptic = k.TASK == "panoptic"
-        num_things = k.NUM_THING_CLASSES
-        num_stuff = k.NUM_STUFF_CLASSES if panoptic else 0
-        _check_metadata(cfg, num_things, num_stuff, panoptic)
-        num_classes = num_things + num_stuff
+        task = cfg.MODEL.TASK or "instance"
+        if task not in ("instance", "panoptic"):
+            raise ValueError(f"KNet: MODEL.TASK={task!r}: expected 'instance' or 'panoptic'")
+        panoptic = task == "panoptic"
+        n_classes = num_classes(cfg)
+        num_things = k.NUM_THING_CLASSES if panoptic else n_classes
+        num_stuff = n_classes - num_things
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
         missing = [f for f in k.IN_FEATURES if f not in shapes]
@@ -121,7 +123,7 @@ class KNet(nn.Module):
         )
         kernel_head = ConvKernelHead(
             num_proposals=k.NUM_PROPOSALS,
-            num_classes=num_classes,
+            num_classes=n_classes,
             num_levels=len(k.IN_FEATURES),
             in_channels=k.HIDDEN_DIM,
             channels=k.HIDDEN_DIM,
@@ -133,7 +135,7 @@ class KNet(nn.Module):
         )
         heads = [
             KernelUpdateHead(
-                num_classes=num_classes,
+                num_classes=n_classes,
                 in_channels=k.HIDDEN_DIM,
                 conv_kernel_size=k.CONV_KERNEL_SIZE,
                 num_heads=k.NUM_HEADS,
@@ -146,7 +148,7 @@ class KNet(nn.Module):
             )
             for _ in range(k.NUM_STAGES)
         ]
-        rpn_criterion, criterion = build_knet_criteria(cfg, num_classes, panoptic)
+        rpn_criterion, criterion = build_knet_criteria(cfg, n_classes, panoptic, num_things)
         return {
             "backbone": backbone,
             "neck": neck,
@@ -160,7 +162,7 @@ class KNet(nn.Module):
             "panoptic": panoptic,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "size_divisibility": max(strides[-1], cfg.INPUT.SIZE_DIVISIBILITY),
+            "size_divisibility": padding_multiples(backbone, cfg),
             "mask_upsample_stride": k.MASK_UPSAMPLE_STRIDE,
             "mask_assign_stride": k.MASK_ASSIGN_STRIDE,
             "max_per_image": k.TEST.MAX_PER_IMAGE,
@@ -242,9 +244,8 @@ class KNet(nn.Module):
     # ---- data ---------------------------------------------------------------------------
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
         """Normalize and pad to ``size_divisibility``: ImageList [B, 3, H_pad, W_pad]."""
-        return normalize_and_pad(
-            batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility, "K-Net"
-        )
+        div = self.size_divisibility[0 if self.training else 1]
+        return normalize_and_pad(batched_inputs, self.pixel_mean, self.pixel_std, div, "K-Net")
 
     def prepare_targets(
         self, batched_inputs: list[dict[str, Any]], images: ImageList
@@ -313,7 +314,7 @@ class KNet(nn.Module):
 
 
 def build_knet_criteria(
-    cfg: CfgNode, num_classes: int, panoptic: bool
+    cfg: CfgNode, num_classes: int, panoptic: bool, num_thing_classes: int | None = None
 ) -> tuple[SetCriterion, SetCriterion]:
     """The shared matcher/criterion configured as K-Net (spec A4).
 
@@ -323,7 +324,8 @@ def build_knet_criteria(
         the stage-0 masks without a class cost).
     """
     k = cfg.MODEL.KNET
-    n, t = k.NUM_PROPOSALS, k.NUM_THING_CLASSES
+    n = k.NUM_PROPOSALS
+    t = num_classes if num_thing_classes is None else num_thing_classes
     focal = {"alpha": k.FOCAL_ALPHA, "gamma": k.FOCAL_GAMMA}
     mask_costs = [("dice_sq", k.COST_DICE), ("mask_agreement", k.COST_MASK)]
 
@@ -400,24 +402,5 @@ def _check_labels(labels: Tensor, num_things: int, num_stuff: int, panoptic: boo
         what = f"{num_things} thing + {num_stuff} stuff" if panoptic else f"{num_things}"
         raise ValueError(
             f"ground-truth class ids span [{int(labels.min())}, {int(labels.max())}] but the "
-            f"model predicts {what} classes (MODEL.KNET.NUM_THING_CLASSES/NUM_STUFF_CLASSES)"
+            f"model predicts {what} classes (MODEL.NUM_CLASSES)"
         )
-
-
-def _check_metadata(cfg: CfgNode, num_things: int, num_stuff: int, panoptic: bool) -> None:
-    """Class counts vs the training set's metadata, when it is registered.
-
-    Things are counted by ``thing_dataset_id_to_contiguous_id`` (Detectron2's standard COCO
-    panoptic metadata lists all 133 names in ``thing_classes``), the panoptic total by
-    ``stuff_classes`` (which lists every class in the standard registration).
-    """
-    check_num_classes(cfg, "MODEL.KNET.NUM_THING_CLASSES", num_things, "thing_classes")
-    for name in cfg.DATASETS.TRAIN[:1]:
-        meta = MetadataCatalog.get(name)
-        things = metadata_class_count(meta, "thing_classes")
-        total = metadata_class_count(meta, "stuff_classes")
-        if panoptic and things and total and total - things != num_stuff:
-            raise ValueError(
-                f"MODEL.KNET.NUM_STUFF_CLASSES={num_stuff} but dataset {name!r} has "
-                f"{total - things} stuff classes"
-            )

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from common.modeling.losses import softmax_ce_loss
-from common.modeling.meta_arch import check_num_classes, normalize_and_pad
+from common.modeling.meta_arch import normalize_and_pad, num_classes, padding_multiples
 
 from .decode_heads import FCNHead, _KernelDecodeHead, build_decode_head
 from .kernel_update_head import KernelUpdateHead
@@ -82,9 +82,9 @@ class KNetSemantic(nn.Module):
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict[str, Any]:
         k, s = cfg.MODEL.KNET, cfg.MODEL.KNET.SEMANTIC
-        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        check_num_classes(cfg, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", num_classes, "stuff_classes")
+        n_classes = num_classes(cfg)
         backbone = build_backbone(cfg)
+        train_div, test_div = padding_multiples(backbone, cfg)
         shapes = backbone.output_shape()
         wanted = [*s.IN_FEATURES, *([s.AUX_IN_FEATURE] if s.AUX_IN_FEATURE else [])]
         missing = [f for f in wanted if f not in shapes]
@@ -94,7 +94,7 @@ class KNetSemantic(nn.Module):
             s.DECODE_HEAD,
             in_channels=[shapes[f].channels for f in s.IN_FEATURES],
             channels=s.CHANNELS,
-            num_classes=num_classes,
+            num_classes=n_classes,
             norm=s.NORM,
             dropout=s.DROPOUT,
             fcn_num_convs=s.FCN_NUM_CONVS,
@@ -104,7 +104,7 @@ class KNetSemantic(nn.Module):
         )
         heads = [
             KernelUpdateHead(
-                num_classes=num_classes,
+                num_classes=n_classes,
                 in_channels=s.CHANNELS,
                 conv_kernel_size=k.CONV_KERNEL_SIZE,
                 num_heads=k.NUM_HEADS,
@@ -122,7 +122,7 @@ class KNetSemantic(nn.Module):
             aux_head = FCNHead(
                 in_channels=shapes[s.AUX_IN_FEATURE].channels,
                 channels=s.AUX_CHANNELS,
-                num_classes=num_classes,
+                num_classes=n_classes,
                 num_convs=1,
                 concat_input=False,
                 norm=s.NORM,
@@ -135,14 +135,14 @@ class KNetSemantic(nn.Module):
             "aux_head": aux_head,
             "in_features": s.IN_FEATURES,
             "aux_in_feature": s.AUX_IN_FEATURE,
-            "num_classes": num_classes,
+            "num_classes": n_classes,
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             "loss_weight": s.LOSS_WEIGHT,
             "aux_weight": s.AUX_WEIGHT,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "size_divisibility": max(backbone.size_divisibility, cfg.INPUT.SIZE_DIVISIBILITY, 1),
-            "test_size_divisibility": max(backbone.size_divisibility, 32),
+            "size_divisibility": train_div,
+            "test_size_divisibility": test_div,
         }
 
     @property

@@ -3,14 +3,26 @@
 from detectron2.config import CfgNode as CN
 
 
+def finalize_queryinst_config(cfg: CN, fin) -> None:
+    """Derive QueryInst's keys at config finalisation (``common.engine.finalize``): the
+    deprecated ``MODEL.QUERYINST.NUM_CLASSES`` follows ``MODEL.NUM_CLASSES``; the task must be
+    "instance"."""
+    if cfg.MODEL.META_ARCHITECTURE != "QueryInst":
+        return
+    fin.num_classes_alias("MODEL.QUERYINST.NUM_CLASSES")
+    if fin.task != "instance":
+        raise ValueError(f"QueryInst segments instances only, but {fin.source('MODEL.TASK')}")
+
+
 def add_queryinst_config(cfg: CN) -> None:
     """Add ``MODEL.QUERYINST`` to ``cfg`` in place (safe to call twice)."""
     if hasattr(cfg.MODEL, "QUERYINST"):
         return
     cfg.MODEL.QUERYINST = CN()
     q = cfg.MODEL.QUERYINST
-    # Number of thing classes K (sigmoid classifier, no background logit).
-    q.NUM_CLASSES = 80
+    # Deprecated alias of MODEL.NUM_CLASSES (the K thing classes of the sigmoid classifier),
+    # written from it at config finalisation; -1 = unset. Set MODEL.NUM_CLASSES instead.
+    q.NUM_CLASSES = -1
     # Number of learned proposal boxes / proposal features (queries): 100 or 300.
     q.NUM_PROPOSALS = 100
     # Number of cascaded stages (DIIHead + dynamic mask head each).

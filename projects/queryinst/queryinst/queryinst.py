@@ -25,8 +25,9 @@ from common.modeling.loss_terms import matched_labels, src_permutation_idx
 from common.modeling.matcher import HungarianMatcher
 from common.modeling.meta_arch import (
     backbone_size_divisibility,
-    check_num_classes,
     normalize_and_pad,
+    num_classes,
+    padding_multiples,
 )
 
 from . import loss as _loss  # noqa: F401  (registers the "roi_mask_dice" loss term)
@@ -57,6 +58,7 @@ class QueryInst(nn.Module):
         pixel_std: Sequence[float],
         test_topk: int = 100,
         mask_threshold: float = 0.5,
+        size_divisibility: tuple[int, int] | None = None,
     ):
         """
         Args:
@@ -68,6 +70,7 @@ class QueryInst(nn.Module):
             pixel_mean, pixel_std: input normalisation (RGB ImageNet statistics).
             test_topk: detections per image (official ``max_per_img`` = number of queries).
             mask_threshold: probability threshold of the pasted masks.
+            size_divisibility: (training, test) padding multiples; None: the backbone's.
         """
         super().__init__()
         self.backbone = backbone
@@ -77,13 +80,16 @@ class QueryInst(nn.Module):
         self.num_classes = num_classes
         self.test_topk = test_topk
         self.mask_threshold = mask_threshold
+        if size_divisibility is None:
+            size_divisibility = (backbone_size_divisibility(backbone),) * 2
+        self.size_divisibility = tuple(size_divisibility)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
     @classmethod
     def from_config(cls, cfg) -> dict[str, Any]:
         q = cfg.MODEL.QUERYINST
-        check_num_classes(cfg, "MODEL.QUERYINST.NUM_CLASSES", cfg.MODEL.QUERYINST.NUM_CLASSES)
+        n_classes = num_classes(cfg)
         backbone = build_backbone(cfg)
         roi_head = QueryRoIHead(cfg, backbone.output_shape())
         dim = roi_head.bbox_head[0].in_channels
@@ -102,7 +108,7 @@ class QueryInst(nn.Module):
             )
         criterion = SetCriterion(
             matcher,
-            q.NUM_CLASSES,
+            n_classes,
             losses=[
                 ("labels_focal", {"alpha": q.FOCAL_ALPHA, "gamma": q.FOCAL_GAMMA}),
                 "boxes",
@@ -123,7 +129,8 @@ class QueryInst(nn.Module):
             "rpn_head": EmbeddingRPNHead(q.NUM_PROPOSALS, dim),
             "roi_head": roi_head,
             "criterion": criterion,
-            "num_classes": q.NUM_CLASSES,
+            "num_classes": n_classes,
+            "size_divisibility": padding_multiples(backbone, cfg),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "test_topk": cfg.TEST.DETECTIONS_PER_IMAGE,
@@ -300,8 +307,8 @@ class QueryInst(nn.Module):
 
     # ---- input handling --------------------------------------------------------------------
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
-        """Normalise and pad the images to the backbone's size divisibility."""
-        div = backbone_size_divisibility(self.backbone)
+        """Normalise and pad the images (``common.modeling.meta_arch.padding_multiples``)."""
+        div = self.size_divisibility[0 if self.training else 1]
         return normalize_and_pad(batched_inputs, self.pixel_mean, self.pixel_std, div, "QueryInst")
 
     def prepare_targets(
@@ -325,7 +332,6 @@ class QueryInst(nn.Module):
         labels = torch.cat([t["labels"] for t in targets])
         if labels.numel() and int(labels.max()) >= self.num_classes:
             raise ValueError(
-                f"ground-truth class {int(labels.max())} >= MODEL.QUERYINST.NUM_CLASSES="
-                f"{self.num_classes}"
+                f"ground-truth class {int(labels.max())} >= MODEL.NUM_CLASSES={self.num_classes}"
             )
         return targets

@@ -20,6 +20,8 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import Tensor, nn
 
+from common.modeling.meta_arch import num_classes
+
 from .dii_head import DIIHead
 from .mask_head import DynamicMaskHead
 
@@ -116,7 +118,7 @@ class QueryRoIHead(nn.Module):
 
         bbox_head = [
             DIIHead(
-                num_classes=q.NUM_CLASSES,
+                num_classes=num_classes(cfg),
                 in_channels=dim,
                 num_heads=q.NUM_HEADS,
                 feedforward_channels=q.DIM_FEEDFORWARD,
@@ -130,7 +132,7 @@ class QueryRoIHead(nn.Module):
         ]
         mask_head = [
             DynamicMaskHead(
-                num_classes=q.NUM_CLASSES,
+                num_classes=num_classes(cfg),
                 in_channels=dim,
                 conv_dim=q.MASK_CONV_DIM,
                 dynamic_channels=q.DIM_DYNAMIC,

@@ -328,8 +328,9 @@ def test_bad_config_and_inputs_raise_clear_errors():
     from detectron2.data import MetadataCatalog
 
     MetadataCatalog.get("fastinst_test_meta").set(thing_classes=["a", "b", "c"])
-    with pytest.raises(ValueError, match="NUM_CLASSES=5 .* 3 thing_classes"):
-        build_model(_cfg("DATASETS.TRAIN", "('fastinst_test_meta',)"))
+    assert _cfg("DATASETS.TRAIN", "('fastinst_test_meta',)").MODEL.NUM_CLASSES == 3
+    with pytest.raises(ValueError, match="MODEL.NUM_CLASSES=5 .* 3 thing_classes"):
+        _cfg("DATASETS.TRAIN", "('fastinst_test_meta',)", "MODEL.NUM_CLASSES", "5")
     with pytest.raises(ValueError, match="CONVS_DIM"):
         build_model(_cfg("MODEL.SEM_SEG_HEAD.CONVS_DIM", "64"))
     model = build_model(_cfg())
@@ -341,5 +342,5 @@ def test_bad_config_and_inputs_raise_clear_errors():
     inst.gt_classes = torch.tensor([7])
     inst.gt_masks = BitMasks(torch.ones(1, 64, 64, dtype=torch.bool))
     model.train()
-    with pytest.raises(ValueError, match="class 7 >= MODEL.SEM_SEG_HEAD.NUM_CLASSES"):
+    with pytest.raises(ValueError, match="class 7 >= MODEL.NUM_CLASSES"):
         model([{"image": torch.zeros(3, 64, 64, dtype=torch.uint8), "instances": inst}])

@@ -194,23 +194,28 @@ def test_official_r50_parameter_count():
 
 
 # ---- bad input ---------------------------------------------------------------------------
-def test_class_count_mismatch_with_metadata_is_an_error():
-    cfg = get_cfg()
-    merge_config(
-        cfg,
-        os.path.join(REPO, SHAPES, "knet_R18_shapes_instance.yaml"),
-        [*SMALL, "MODEL.KNET.NUM_THING_CLASSES", "7"],
-    )
+def test_class_counts_are_derived_and_a_mismatch_is_an_error():
+    panoptic = os.path.join(REPO, SHAPES, "knet_R18_shapes_panoptic.yaml")
+    cfg = merge_config(get_cfg(), panoptic, SMALL)
+    k = cfg.MODEL.KNET
+    assert (cfg.MODEL.TASK, cfg.MODEL.NUM_CLASSES) == ("panoptic", 9)
+    assert (k.TASK, k.NUM_THING_CLASSES, k.NUM_STUFF_CLASSES) == ("panoptic", 5, 4)
     with pytest.raises(ValueError, match="NUM_THING_CLASSES=7 but dataset 'shapes_train' has 5"):
-        build_model(cfg)
-    cfg = get_cfg()
-    merge_config(
-        cfg,
-        os.path.join(REPO, SHAPES, "knet_R18_shapes_panoptic.yaml"),
-        [*SMALL, "MODEL.KNET.NUM_STUFF_CLASSES", "3"],
-    )
+        merge_config(
+            get_cfg(),
+            os.path.join(REPO, SHAPES, "knet_R18_shapes_instance.yaml"),
+            [*SMALL, "MODEL.KNET.NUM_THING_CLASSES", "7"],
+        )
     with pytest.raises(ValueError, match="NUM_STUFF_CLASSES=3 .* has 4 stuff"):
-        build_model(cfg)
+        merge_config(get_cfg(), panoptic, [*SMALL, "MODEL.KNET.NUM_STUFF_CLASSES", "3"])
+    # no training set: the old pair of keys still states the count
+    cfg = merge_config(
+        get_cfg(),
+        panoptic,
+        [*SMALL, "DATASETS.TRAIN", "()", *("MODEL.KNET.NUM_THING_CLASSES", "5"),
+         *("MODEL.KNET.NUM_STUFF_CLASSES", "4")],
+    )  # fmt: skip
+    assert (cfg.MODEL.TASK, cfg.MODEL.NUM_CLASSES) == ("panoptic", 9)
 
 
 def test_out_of_range_labels_are_an_error():
@@ -223,15 +228,14 @@ def test_out_of_range_labels_are_an_error():
         model(batch)
 
 
-def test_unknown_task_is_an_error():
-    cfg = get_cfg()
-    merge_config(
-        cfg,
-        os.path.join(REPO, SHAPES, "knet_R18_shapes_instance.yaml"),
-        [*SMALL, "MODEL.KNET.TASK", "semantic"],
-    )
-    with pytest.raises(ValueError, match="TASK='semantic'"):
-        build_model(cfg)
+def test_a_task_that_contradicts_the_dataset_or_the_model_is_an_error():
+    instance = os.path.join(REPO, SHAPES, "knet_R18_shapes_instance.yaml")
+    with pytest.raises(ValueError, match="KNET.TASK='semantic' .* contradicts MODEL.TASK"):
+        merge_config(get_cfg(), instance, [*SMALL, "MODEL.KNET.TASK", "semantic"])
+    with pytest.raises(
+        ValueError, match="KNet segments instances or panoptic segments, but MODEL.TASK='semantic'"
+    ):
+        merge_config(get_cfg(), instance, [*SMALL, "MODEL.TASK", "semantic"])
 
 
 def test_wrong_image_shape_is_an_error():

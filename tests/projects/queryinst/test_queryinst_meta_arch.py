@@ -118,11 +118,34 @@ def test_inference_is_topk_over_queries_and_classes():
     assert inst.pred_boxes.tensor[:, 2].max() <= 96 and inst.pred_boxes.tensor.min() >= 0
 
 
-def test_num_classes_must_match_the_dataset():
+def test_num_classes_is_derived_from_the_dataset_and_checked():
+    """MODEL.NUM_CLASSES comes from shapes_train's 5 thing classes; the deprecated alias is
+    written from it, and a set value that disagrees is refused at config finalisation."""
     cfg = get_cfg()
-    merge_config(cfg, os.path.join(REPO, SHAPES_CFG), [*SMALL, "MODEL.QUERYINST.NUM_CLASSES", "7"])
-    with pytest.raises(ValueError, match="NUM_CLASSES=7"):
-        build_model(cfg)
+    merge_config(cfg, os.path.join(REPO, SHAPES_CFG), SMALL)
+    assert cfg.MODEL.NUM_CLASSES == 5 and cfg.MODEL.QUERYINST.NUM_CLASSES == 5
+    assert build_model(cfg).num_classes == 5
+    with pytest.raises(ValueError, match="QUERYINST.NUM_CLASSES=7 but dataset 'shapes_train'"):
+        merge_config(get_cfg(), os.path.join(REPO, SHAPES_CFG), [*SMALL, *_alias("7")])
+    with pytest.raises(ValueError, match="MODEL.NUM_CLASSES=7 but dataset 'shapes_train' has 5"):
+        merge_config(get_cfg(), os.path.join(REPO, SHAPES_CFG), [*SMALL, "MODEL.NUM_CLASSES", "7"])
+    with pytest.raises(
+        ValueError, match="QUERYINST.NUM_CLASSES=4 .* contradicts MODEL.NUM_CLASSES"
+    ):
+        merge_config(
+            get_cfg(),
+            os.path.join(REPO, SHAPES_CFG),
+            [*SMALL, "DATASETS.TRAIN", "()", "MODEL.NUM_CLASSES", "3", *_alias("4")],
+        )
+    # no training set: the deprecated alias alone still states the count
+    cfg = merge_config(
+        get_cfg(), os.path.join(REPO, SHAPES_CFG), [*SMALL, "DATASETS.TRAIN", "()", *_alias("3")]
+    )
+    assert cfg.MODEL.NUM_CLASSES == 3
+
+
+def _alias(n: str) -> list[str]:
+    return ["MODEL.QUERYINST.NUM_CLASSES", n]
 
 
 def test_bad_inputs_raise_clear_errors():

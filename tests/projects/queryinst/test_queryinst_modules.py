@@ -82,7 +82,8 @@ def test_box_decoding_hand_computed():
 def _tiny_roi_head(num_stages: int = 2, num_classes: int = 3, dim: int = 16) -> QueryRoIHead:
     cfg = get_cfg()
     q = cfg.MODEL.QUERYINST
-    q.NUM_CLASSES, q.NUM_STAGES, q.NUM_HEADS = num_classes, num_stages, 2
+    cfg.MODEL.NUM_CLASSES = num_classes
+    q.NUM_STAGES, q.NUM_HEADS = num_stages, 2
     q.DIM_DYNAMIC, q.DIM_FEEDFORWARD, q.MASK_CONV_DIM, q.MASK_NUM_CONVS = 4, 32, 8, 1
     q.MASK_NORM = "GN"
     shapes = {f"p{i}": ShapeSpec(channels=dim, stride=2**i) for i in range(2, 6)}

@@ -56,9 +56,8 @@ class SnapshotRNG(HookBase):
         it = self.trainer.iter
         if (it + 1) % self.period == 0 or it >= self.trainer.max_iter - 1:
             state = rng_state()
-            self.trainer._rng_states = (
-                comm.all_gather(state) if comm.get_world_size() > 1 else [state]
-            )
+            states = comm.all_gather(state) if comm.get_world_size() > 1 else [state]
+            self.trainer._rng_states = (it, states)
 
 
 def storage_state(storage: EventStorage) -> dict[str, Any]:

@@ -85,7 +85,8 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer wired to QuerySeg's mappers, evaluators, optimizer and strict checkpointer."""
 
     def __init__(self, cfg: CfgNode):
-        self._rng_states: list[dict[str, Any]] | None = None
+        # (iteration, per-rank RNG states) gathered by SnapshotRNG on checkpoint iterations
+        self._rng_states: tuple[int, list[dict[str, Any]]] | None = None
         self._pending_resume: dict[str, Any] | None = None
         # load and check the training data before the model is built; the loader reuses it
         _PRELOADED[_data_key(cfg)] = load_train_dicts(cfg, need_masks=_mapper_needs_masks(cfg))
@@ -127,8 +128,8 @@ class Trainer(DefaultTrainer):
     def state_dict(self) -> dict[str, Any]:
         ret = super().state_dict()
         resume: dict[str, Any] = {"world_size": comm.get_world_size()}
-        if self._rng_states is not None:
-            resume["rng"] = self._rng_states
+        if self._rng_states is not None and self._rng_states[0] == self.iter:
+            resume["rng"] = self._rng_states[1]  # a save at another iteration has none
         sampler = self._batch_sampler()
         if hasattr(sampler, "start_batch"):
             resume["data"] = {"seed": sampler.seed, "batches": self.iter + 1}

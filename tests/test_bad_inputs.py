@@ -335,3 +335,15 @@ def test_same_corpus_is_independent_of_test_order(shapes_tiny, tmp_path):
     _broken_coco(shapes_tiny, tmp_path, "bad_isolation", _set("segmentation", []))
     with open(src) as f:
         assert json.load(f) == copy.deepcopy(before)
+
+
+def test_nan_loss_names_the_iteration_and_the_losses():
+    """Already Detectron2's behaviour (kept here so the corpus covers it): the non-finite-loss
+    check names the iteration and every loss term."""
+    from detectron2.engine import SimpleTrainer
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0), pytest.raises(FloatingPointError) as e:
+        losses = {"loss_mask": torch.tensor(float("nan")), "loss_cls": torch.tensor(0.5)}
+        SimpleTrainer.write_metrics(losses, 0.0, cur_iter=3)
+    assert "iteration=3" in str(e.value) and "loss_mask" in str(e.value)

@@ -347,3 +347,25 @@ def test_nan_loss_names_the_iteration_and_the_losses():
         losses = {"loss_mask": torch.tensor(float("nan")), "loss_cls": torch.tensor(0.5)}
         SimpleTrainer.write_metrics(losses, 0.0, cur_iter=3)
     assert "iteration=3" in str(e.value) and "loss_mask" in str(e.value)
+
+
+def test_demo_unopenable_video_writer_is_an_error(tmp_path, monkeypatch, capsys):
+    import cv2
+
+    from demo import demo
+
+    video = str(tmp_path / "in.avi")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 5, (16, 16))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV cannot write MJPG")
+    for _ in range(3):
+        writer.write(np.zeros((16, 16, 3), np.uint8))
+    writer.release()
+    monkeypatch.setattr(demo, "render_frame", lambda demos, frame, cols: frame)
+    out = str(tmp_path / "missing" / "dir" / "out.mp4")
+    args = argparse.Namespace(
+        webcam=False, video_input=video, output=out, max_frames=0, grid_cols=0
+    )
+    assert demo.run_video([], args) == 1
+    assert f"cannot write video {out}" in capsys.readouterr().err
+    assert not os.path.exists(out)

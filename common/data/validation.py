@@ -36,8 +36,8 @@ _PREPARE_HINTS = {
     ),
     "ade20k": (
         "prepare ADE20K under $DETECTRON2_DATASETS/ADEChallengeData2016/: unzip "
-        "ADEChallengeData2016.zip from groups.csail.mit.edu/vision/datasets/ADE20K, then run "
-        "detectron2's datasets/prepare_ade20k_sem_seg.py (writes annotations_detectron2/)"
+        "ADEChallengeData2016.zip (sceneparsing.csail.mit.edu), then run detectron2's "
+        "datasets/prepare_ade20k_sem_seg.py (writes annotations_detectron2/)"
     ),
 }
 

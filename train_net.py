@@ -15,7 +15,9 @@ import torch
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
+from common.data.validation import check_dataset_files
 from common.engine import Trainer, get_cfg, merge_config, setup_queryseg
 from common.engine.checkpoint import QSCheckpointer
 
@@ -30,6 +32,11 @@ def setup(args):
     merge_config(cfg, args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    rank = comm.get_rank()
+    for name in ("queryseg", "common"):  # train_net.py's own messages and common/'s modules
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name=name, abbrev_name=name)
+    if comm.is_main_process():
+        _log_process_plan(args)
     from common.data.shapes import configure_shapes_from_cfg
 
     # (Re)register the built-in `shapes` dataset with the configured size, generating it on rank 0
@@ -39,7 +46,33 @@ def setup(args):
     comm.synchronize()
     if not comm.is_main_process():
         configure_shapes_from_cfg(cfg, generate=False)
+    # a missing COCO/ADE20K folder fails here, with how to prepare it, not after the model is built
+    check_dataset_files([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
     return cfg
+
+
+def _log_process_plan(args) -> None:
+    """Say how many processes and threads this run uses, warning when they oversubscribe the
+    cores (e.g. ``--num-gpus 8`` on a 2-core machine without CUDA)."""
+    from common.engine.trainer import available_cores
+
+    n = args.num_gpus * args.num_machines
+    threads = torch.get_num_threads()
+    cores = available_cores()
+    if torch.cuda.is_available():
+        logger.info(f"training on {args.num_gpus} GPU(s) per machine, {n} process(es) in all")
+        return
+    if args.num_gpus > 1:
+        logger.info(
+            f"no CUDA: running {args.num_gpus} CPU processes over gloo on this machine, "
+            f"{threads} thread(s) each"
+        )
+    if args.num_gpus * threads > cores:
+        logger.warning(
+            f"{args.num_gpus} process(es) x {threads} thread(s) = {args.num_gpus * threads} > "
+            f"{cores} CPU core(s): oversubscribed, each step will be slower than with fewer "
+            "processes (lower --num-gpus or OMP_NUM_THREADS)"
+        )
 
 
 def _uses_shapes(cfg) -> bool:
@@ -65,8 +98,6 @@ def main(args):
 
 def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
-    if args.num_gpus > 1 and not torch.cuda.is_available():
-        logger.info("no CUDA: running %d CPU processes over gloo", args.num_gpus)
     if args.num_gpus > max(torch.cuda.device_count(), 1) and torch.cuda.is_available():
         raise SystemExit(
             f"--num-gpus {args.num_gpus} but only {torch.cuda.device_count()} GPUs are visible"

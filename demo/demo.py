@@ -141,6 +141,32 @@ def build_demos(args: argparse.Namespace) -> list[SegmentationDemo]:
     return demos
 
 
+def write_image(path: str, image_bgr) -> None:
+    """Encode ``image_bgr`` ([H,W,3] uint8) by ``path``'s extension and write it atomically
+    (temporary file, then rename): a failure raises naming ``path`` and leaves nothing half
+    written (``cv2.imwrite`` returns False instead of raising)."""
+    ext = os.path.splitext(path)[1] or ".png"
+    try:
+        ok, buf = cv2.imencode(ext, image_bgr)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise ValueError(f"cannot encode an image as {ext!r} for {path}")
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buf.tobytes())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def show(image_bgr) -> bool:
     """Show a frame in a window; False when the user pressed Esc."""
     try:
@@ -174,8 +200,12 @@ def run_images(demos: list[SegmentationDemo], args: argparse.Namespace) -> int:
         logger.info("%s: %s in %.2fs", path, what, time.perf_counter() - start)
         if args.output:
             out = output_path(args.output, path, "_grid" if compare else "")
-            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-            cv2.imwrite(out, rgb[:, :, ::-1])
+            try:
+                write_image(out, rgb[:, :, ::-1])
+            except (OSError, ValueError) as e:
+                errors.append(str(e))
+                logger.error("%s", e)
+                continue
             written += 1
         elif not show(rgb[:, :, ::-1].copy()) or cv2.waitKey(0) == 27:
             break
@@ -211,6 +241,13 @@ def run_video(demos: list[SegmentationDemo], args: argparse.Namespace) -> int:
                         path = os.path.join(path, os.path.splitext(name)[0] + ".mp4")
                     h, w = out.shape[:2]
                     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                    if not writer.isOpened():
+                        print(
+                            f"error: cannot write video {path} (unwritable folder, or no mp4v "
+                            "encoder for this extension)",
+                            file=sys.stderr,
+                        )
+                        return 1
                 writer.write(out)
             elif not show(out):
                 break

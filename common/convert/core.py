@@ -106,6 +106,11 @@ def load_checkpoint_file(path: str, trusted: bool = False) -> Any:
         ) from e
     except (EOFError, RuntimeError, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    except Exception as e:  # arbitrary bytes make the unpickler raise KeyError, IndexError, ...
+        raise CheckpointError(
+            f"{path}: not a PyTorch/Detectron2 checkpoint (unpickling failed with "
+            f"{type(e).__name__}: {e})"
+        ) from e
 
 
 def extract_model_state(obj: Any, path: str = "<checkpoint>") -> dict[str, torch.Tensor]:

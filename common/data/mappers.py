@@ -153,7 +153,7 @@ class InstanceDatasetMapper(_BaseMapper):
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
         annos = [a for a in dataset_dict.pop("annotations", []) if a.get("iscrowd", 0) == 0]
-        validate_annotations(annos, dataset_dict["file_name"])
+        validate_annotations(annos, dataset_dict["file_name"], need_masks=True)
         image_shape, transforms, _ = self._read(dataset_dict)
         if not self.is_train:
             return dataset_dict

@@ -5,16 +5,64 @@
 meta-architecture in what it saves and refuses a checkpoint of another model, a checkpoint with
 missing/unexpected keys or wrong shapes (``MODEL.WEIGHTS_STRICT False`` restores Detectron2's
 warn-and-continue, e.g. to fine-tune with another number of classes).
+
+Saving is atomic: the checkpoint is written to a temporary file in the same folder, synced and
+renamed, and only then is ``last_checkpoint`` (itself replaced atomically) pointed at it, so a
+process killed mid-write leaves the previous checkpoint as the one ``--resume`` loads. Weights
+with a NaN/Inf are never saved: :class:`NonFiniteWeightsError` names the first such tensor.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from common.convert.core import CheckpointError, ConversionReport, load_checkpoint_file
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """The model holds NaN/Inf weights: training diverged; nothing is saved."""
+
+
+def _atomic_write(path: str, write) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, sync it, then rename it to
+    ``path``; a crash leaves ``path`` as it was (and at most a ``.tmp`` file that nothing loads)."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def first_non_finite(state: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding a NaN/Inf, or None."""
+    for name, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            if not bool(torch.isfinite(value).all()):
+                return name
+    return None
 
 
 def _prefixes(keys: Iterable[str], depth: int = 2) -> set[str]:
@@ -46,8 +94,35 @@ class QSCheckpointer(DetectionCheckpointer):
                    trusted=cfg.MODEL.WEIGHTS_TRUSTED, **checkpointables)  # fmt: skip
 
     def save(self, name: str, **kwargs: Any) -> None:
+        """Detectron2's ``save``, written atomically and refused for non-finite weights (module
+        docstring). Only the main process writes (``save_to_disk``)."""
+        if not self.save_dir or not self.save_to_disk:
+            return
         kwargs.setdefault("meta_architecture", type(self.model).__name__)
-        super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        bad = first_non_finite(data["model"])
+        if bad is not None:
+            last = self.get_checkpoint_file() if self.has_checkpoint() else "none"
+            raise NonFiniteWeightsError(
+                f"not saving {name}.pth: model weight {bad} holds NaN/Inf (training diverged); "
+                f"the last good checkpoint is {last}"
+            )
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        os.makedirs(self.save_dir, exist_ok=True)
+        _atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Point ``last_checkpoint`` at a complete file, replacing the pointer atomically."""
+        _atomic_write(
+            os.path.join(self.save_dir, "last_checkpoint"),
+            lambda f: f.write(last_filename_basename.encode()),
+        )
 
     def load(self, path: str, checkpointables=None):
         self._loading = path

@@ -55,6 +55,17 @@ def _explain_key_error(cfg: CfgNode, err: Exception, source: str) -> KeyError:
     return KeyError(f"{source}: unknown config key {bad}{hint}")
 
 
+def _origin_of(err: Exception, origins: dict[str, str], default: str) -> str:
+    """The file of the chain that sets the key a yacs error message ends with."""
+    msg = str(err.args[0]) if err.args else str(err)
+    key = msg.rsplit(":", 1)[-1].strip().strip("'\"")
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key.rpartition(".")[0]
+    return default
+
+
 def _deep_update(dst: dict, src: dict) -> dict:
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
@@ -64,12 +75,15 @@ def _deep_update(dst: dict, src: dict) -> dict:
     return dst
 
 
-def load_yaml_with_bases(path: str) -> dict[str, Any]:
+def load_yaml_with_bases(path: str, origins: dict[str, str] | None = None) -> dict[str, Any]:
     """Load a YAML config and its ``_BASE_`` chain into one plain dict.
 
     ``_BASE_`` may be one path or a list of paths (relative to the file), merged in order, then
     the file itself on top. A list lets a leaf combine a method base with a dataset overlay,
     e.g. ``_BASE_: [../Base-KNet.yaml, ../../../../common/configs/Shapes-Instance.yaml]``.
+
+    ``origins``, when given, receives ``{"A.B.C": file}``: the file of the chain whose value of
+    each key wins, so that a bad key or value is reported against the file that holds it.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
@@ -82,14 +96,32 @@ def load_yaml_with_bases(path: str) -> dict[str, Any]:
         raise ValueError(f"{path}: a config file must hold a mapping, got {type(raw).__name__}")
     bases = raw.pop("_BASE_", None)
     if bases is None:
+        if origins is not None:
+            origins.update(dict.fromkeys(_flat_keys(raw), path))
         return raw
     merged: dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        base = os.path.expanduser(base)
+    for ref in [bases] if isinstance(bases, str) else bases:
+        base = os.path.expanduser(str(ref))
         if not os.path.isabs(base):
             base = os.path.join(os.path.dirname(path), base)
-        _deep_update(merged, load_yaml_with_bases(base))
+        if not os.path.isfile(base):
+            raise FileNotFoundError(f"{path}: _BASE_ {ref} not found (looked for {base})")
+        base_origins: dict[str, str] | None = {} if origins is not None else None
+        _deep_update(merged, load_yaml_with_bases(base, base_origins))
+        if origins is not None:  # later bases win, as in the merge
+            origins.update(base_origins)
+    if origins is not None:  # the file's own keys win over its bases
+        origins.update(dict.fromkeys(_flat_keys(raw), path))
     return _deep_update(merged, raw)
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out.append(f"{prefix}{k}")
+        if isinstance(v, dict):
+            out.extend(_flat_keys(v, f"{prefix}{k}."))
+    return out
 
 
 def merge_config(
@@ -102,14 +134,19 @@ def merge_config(
     count as explicit."""
     loaded: dict[str, Any] = {}
     if config_file:
-        loaded = load_yaml_with_bases(config_file)
+        origins: dict[str, str] = {}
+        loaded = load_yaml_with_bases(config_file, origins)
         version = loaded.get("VERSION", cfg.VERSION)
         if version != cfg.VERSION:
-            raise ValueError(f"{config_file}: VERSION {version} != {cfg.VERSION}")
+            raise ValueError(
+                f"{origins.get('VERSION', config_file)}: VERSION {version} != {cfg.VERSION}"
+            )
         try:
             cfg.merge_from_other_cfg(CfgNode(loaded))
         except KeyError as e:
-            raise _explain_key_error(cfg, e, config_file) from None
+            raise _explain_key_error(cfg, e, _origin_of(e, origins, config_file)) from None
+        except ValueError as e:  # yacs: "Type mismatch (...) for config key: A.B"
+            raise ValueError(f"{_origin_of(e, origins, config_file)}: {e}") from None
     if opts:
         if len(opts) % 2:
             raise ValueError(f"overrides must be KEY VALUE pairs, got an odd list: {opts}")
@@ -117,6 +154,8 @@ def merge_config(
             cfg.merge_from_list(list(opts))
         except (KeyError, AssertionError) as e:
             raise _explain_key_error(cfg, e, "command-line override") from None
+        except ValueError as e:
+            raise ValueError(f"command-line override: {e}") from None
     if finalize:
         finalize_config(cfg, explicit_keys(loaded, opts or ()))
     if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():

@@ -1,26 +1,99 @@
 """The Trainer ``train_net.py`` uses: Detectron2's :class:`DefaultTrainer` with QuerySeg's mapper
-registry, evaluator factory, optimizer (:mod:`common.engine.solver`) and strict checkpointer."""
+registry, evaluator factory, optimizer (:mod:`common.engine.solver`) and strict checkpointer.
+
+Exact resume, beyond Detectron2: every checkpoint also stores (under ``"exact_resume"``) the
+data-stream position (:mod:`common.data.resumable`), the Python/NumPy/torch(/CUDA) RNG states of
+every process (gathered on each checkpoint iteration) and the last values of every logged scalar
+(``metrics.json`` smooths losses over 20 iterations). ``--resume`` restores all of it, so the
+resumed run's losses equal the uninterrupted run's on the CPU. Evaluation during training runs
+under a forked RNG, so it does not move the training RNGs either.
+"""
 
 from __future__ import annotations
+
+import logging
+import os
+from typing import Any
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 
 from common.data.evaluation import build_evaluator
 from common.data.mappers import build_mapper
+from common.data.resumable import build_resumable_train_loader
+from common.data.validation import load_train_dicts
 from common.engine.checkpoint import QSCheckpointer
+from common.engine.resume import (
+    SnapshotRNG,
+    restore_storage,
+    rng_state,
+    set_rng_state,
+    storage_state,
+)
 from common.engine.solver import build_optimizer
 from common.engine.visualization import VisualizationHook
+
+logger = logging.getLogger(__name__)
+
+
+_WARNED_WORKERS: set[tuple[int, int]] = set()
+# the training dicts Trainer.__init__ loaded and checked, for build_train_loader to reuse
+_PRELOADED: dict[tuple, list[dict]] = {}
+
+
+def _data_key(cfg: CfgNode) -> tuple:
+    return (
+        tuple(cfg.DATASETS.TRAIN),
+        cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        cfg.INPUT.DATASET_MAPPER_NAME,
+        cfg.MODEL.MASK_ON,
+    )
+
+
+def _mapper_needs_masks(cfg: CfgNode) -> bool:
+    """Whether the training mapper turns every annotation into a mask."""
+    name = cfg.INPUT.DATASET_MAPPER_NAME
+    return name == "instance" or (name == "detectron2" and cfg.MODEL.MASK_ON)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def capped_num_workers(requested: int) -> int:
+    """``DATALOADER.NUM_WORKERS`` capped at the cores available to each process, with a note."""
+    cores = max(1, available_cores() // max(1, comm.get_local_size()))
+    if requested > cores:
+        if (requested, cores) not in _WARNED_WORKERS:
+            _WARNED_WORKERS.add((requested, cores))
+            logger.warning(
+                f"DATALOADER.NUM_WORKERS {requested} > {cores} CPU core(s) per process: "
+                f"using {cores} loader workers"
+            )
+        return cores
+    return requested
 
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer wired to QuerySeg's mappers, evaluators, optimizer and strict checkpointer."""
 
     def __init__(self, cfg: CfgNode):
-        super().__init__(cfg)
+        # (iteration, per-rank RNG states) gathered by SnapshotRNG on checkpoint iterations
+        self._rng_states: tuple[int, list[dict[str, Any]]] | None = None
+        self._pending_resume: dict[str, Any] | None = None
+        # load and check the training data before the model is built; the loader reuses it
+        _PRELOADED[_data_key(cfg)] = load_train_dicts(cfg, need_masks=_mapper_needs_masks(cfg))
+        try:
+            super().__init__(cfg)
+        finally:
+            _PRELOADED.pop(_data_key(cfg), None)
         old = self.checkpointer
         self.checkpointer = QSCheckpointer.from_config(
             cfg, old.model, cfg.OUTPUT_DIR, **old.checkpointables
@@ -34,19 +107,117 @@ class Trainer(DefaultTrainer):
         """Detectron2's hooks plus, with ``VIS_PERIOD > 0``, ground-truth-vs-prediction images in
         TensorBoard (:class:`common.engine.visualization.VisualizationHook`) before the writers
         run."""
-        hooks = super().build_hooks()
+        ret = super().build_hooks()
         if self.cfg.VIS_PERIOD > 0 and comm.is_main_process():
-            writer_at = len(hooks) - 1  # DefaultTrainer puts the PeriodicWriter last
-            hooks.insert(writer_at, VisualizationHook(self.cfg, self.cfg.VIS_PERIOD))
-        return hooks
+            writer_at = len(ret) - 1  # DefaultTrainer puts the PeriodicWriter last
+            ret.insert(writer_at, VisualizationHook(self.cfg, self.cfg.VIS_PERIOD))
+        # the RNG snapshot goes right before the checkpointer (main process) or the EvalHook
+        at = next(
+            i
+            for i, h in enumerate(ret)
+            if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))
+        )
+        ret.insert(at, SnapshotRNG(self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        return ret
+
+    # ---- exact resume -----------------------------------------------------------------------
+
+    def _batch_sampler(self):
+        return getattr(self._trainer.data_loader, "batch_sampler", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        ret = super().state_dict()
+        resume: dict[str, Any] = {"world_size": comm.get_world_size()}
+        if self._rng_states is not None and self._rng_states[0] == self.iter:
+            resume["rng"] = self._rng_states[1]  # a save at another iteration has none
+        sampler = self._batch_sampler()
+        if hasattr(sampler, "start_batch"):
+            resume["data"] = {"seed": sampler.seed, "batches": self.iter + 1}
+        storage = getattr(self, "storage", None)
+        if storage is not None:
+            resume["storage"] = storage_state(storage)
+        ret["exact_resume"] = resume
+        return ret
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._pending_resume = state_dict.get("exact_resume")
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        pending = self._pending_resume
+        if not (resume and pending):
+            if resume and self.start_iter > 0:
+                logger.warning(
+                    "the checkpoint has no exact-resume state (data position, RNGs): the data "
+                    "stream restarts, so the losses will differ from an uninterrupted run's"
+                )
+            self._pending_resume = None
+            return
+        if pending.get("world_size") != comm.get_world_size():
+            logger.warning(
+                f"resuming with {comm.get_world_size()} processes from a checkpoint of "
+                f"{pending.get('world_size')}: RNG states and data stream cannot be continued "
+                "exactly"
+            )
+            pending.pop("rng", None)
+            pending.pop("data", None)
+        sampler = self._batch_sampler()
+        data = pending.get("data")
+        if data is not None and hasattr(sampler, "start_batch"):
+            sampler.seed = data["seed"]
+            sampler.start_batch = data["batches"]
+            logger.info(
+                f"resuming the data stream at batch {data['batches']} (seed {data['seed']})"
+            )
+
+    def before_train(self) -> None:
+        super().before_train()
+        pending, self._pending_resume = self._pending_resume, None
+        if not pending:
+            return
+        restore_storage(self.storage, pending.get("storage", {}))
+        rng = pending.get("rng")
+        if rng is not None:
+            set_rng_state(rng[comm.get_rank()])
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
+        """A resumable loader (:mod:`common.data.resumable`), workers capped at the cores."""
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.NUM_WORKERS = capped_num_workers(cfg.DATALOADER.NUM_WORKERS)
+        mapper = build_mapper(cfg, is_train=True)
+        dicts = _PRELOADED.get(_data_key(cfg))
+        if dicts is None:
+            dicts = load_train_dicts(cfg, need_masks=_mapper_needs_masks(cfg))
+        loader = build_resumable_train_loader(cfg, mapper, dicts)
+        if loader is None:
+            logger.warning(
+                f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN} is not resumable: "
+                "--resume will restart the data stream"
+            )
+            loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, False))
+        return build_detection_test_loader(
+            cfg,
+            dataset_name,
+            mapper=build_mapper(cfg, False),
+            num_workers=capped_num_workers(cfg.DATALOADER.NUM_WORKERS),
+        )
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None):
+        """Detectron2's ``test`` under forked RNGs: evaluating leaves the training RNGs as they
+        were (exact resume)."""
+        states = rng_state()
+        try:
+            return super().test(cfg, model, evaluators)
+        finally:
+            set_rng_state(states)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):

@@ -3,8 +3,14 @@
 // Convention (grid_sample, align_corners=False, zero padding): a normalised coordinate u in [0, 1]
 // maps to the pixel coordinate u * size - 0.5, corners outside the map contribute zero, and a point
 // with h <= -1, w <= -1, h >= H or w >= W has no corner inside the map at all.
+//
+// Non-finite inputs behave as in grid_sample: a NaN/Inf sampling location (bilinear_corners
+// returns false for it) or a NaN/Inf attention weight of a point outside the map contributes NaN
+// (grid_sample gives NaN, or 0 * NaN), so a diverging model's loss turns NaN and the trainer's
+// non-finite-loss check fires; see point_is_nan.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -25,6 +31,25 @@ struct BilinearCorners {
   scalar_t dweight_dh[4];
   scalar_t dweight_dw[4];
 };
+
+// True for a finite value (false for NaN and +-Inf), without the math library: v - v is 0 only
+// for finite v. Needs IEEE semantics (no -ffast-math / --use_fast_math).
+template <typename scalar_t>
+QS_HOST_DEVICE bool is_finite(scalar_t v) {
+  return v - v == scalar_t(0);
+}
+
+// For a point that bilinear_corners rejected: true when grid_sample would make its contribution
+// NaN (a non-finite coordinate, or a non-finite attention weight times the zero it samples).
+template <typename scalar_t>
+QS_HOST_DEVICE bool point_is_nan(scalar_t x, scalar_t y, scalar_t attn) {
+  return !(is_finite(x) && is_finite(y) && is_finite(attn));
+}
+
+template <typename scalar_t>
+QS_HOST_DEVICE scalar_t quiet_nan() {
+  return static_cast<scalar_t>(NAN);
+}
 
 // Fills `c` for pixel coordinates (h, w) on an H x W map; returns false when no corner is inside.
 template <typename scalar_t>

@@ -57,6 +57,12 @@ void forward_kernel(
             const scalar_t y = loc[2 * idx + 1];
             const scalar_t a = attn[idx];
             if (!bilinear_corners<scalar_t>(y * H - scalar_t(0.5), x * W - scalar_t(0.5), H, W, c)) {
+              if (point_is_nan(x, y, a)) {  // as grid_sample: NaN, not a silent zero
+                const scalar_t nan = quiet_nan<scalar_t>();
+                for (int64_t ch = 0; ch < d.D; ++ch) {
+                  o[ch] += nan;
+                }
+              }
               continue;
             }
             for (int k = 0; k < 4; ++k) {
@@ -109,7 +115,12 @@ void backward_kernel(
             const scalar_t y = loc[2 * idx + 1];
             const scalar_t a = attn[idx];
             if (!bilinear_corners<scalar_t>(y * H - scalar_t(0.5), x * W - scalar_t(0.5), H, W, c)) {
-              continue;  // gradients stay zero
+              if (!(is_finite(x) && is_finite(y))) {  // NaN gradients, as grid_sample's
+                grad_attn[idx] = quiet_nan<scalar_t>();
+                grad_loc[2 * idx] = quiet_nan<scalar_t>();
+                grad_loc[2 * idx + 1] = quiet_nan<scalar_t>();
+              }
+              continue;  // otherwise gradients stay zero
             }
             scalar_t g_attn = 0;
             scalar_t g_h = 0;

@@ -67,8 +67,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
           const scalar_t x = loc[2 * idx];
           const scalar_t y = loc[2 * idx + 1];
           const scalar_t a = attn[idx];
-          if (!active ||
-              !bilinear_corners<scalar_t>(y * H - scalar_t(0.5), x * W - scalar_t(0.5), H, W, c)) {
+          if (!active) {
+            continue;
+          }
+          if (!bilinear_corners<scalar_t>(y * H - scalar_t(0.5), x * W - scalar_t(0.5), H, W, c)) {
+            if (point_is_nan(x, y, a)) {  // as grid_sample: NaN, not a silent zero
+              acc += quiet_nan<scalar_t>();
+            }
             continue;
           }
           scalar_t sampled = 0;
@@ -121,7 +126,14 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
         const scalar_t y = loc[2 * idx + 1];
         const scalar_t a = attn[idx];
         if (!bilinear_corners<scalar_t>(y * H - scalar_t(0.5), x * W - scalar_t(0.5), H, W, c)) {
-          continue;  // warp-uniform: every lane sees the same point; gradients stay zero
+          // warp-uniform: every lane sees the same point; NaN gradients for a non-finite
+          // location (as grid_sample's), otherwise they stay zero
+          if (lane == 0 && !(is_finite(x) && is_finite(y))) {
+            grad_attn[idx] = quiet_nan<scalar_t>();
+            grad_loc[2 * idx] = quiet_nan<scalar_t>();
+            grad_loc[2 * idx + 1] = quiet_nan<scalar_t>();
+          }
+          continue;
         }
         scalar_t g_attn = 0;
         scalar_t g_h = 0;

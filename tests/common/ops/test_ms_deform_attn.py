@@ -262,3 +262,42 @@ def test_cuda_gradcheck_and_half(compiled_cuda):
     assert out.dtype == torch.float16
     ref = ms_deform_attn(value, shapes, lsi, loc, attn, impl="pytorch")
     torch.testing.assert_close(out.double(), ref.detach(), rtol=0.02, atol=0.02)
+
+
+def _check_non_finite_like_pytorch(bad, where, device):
+    value, shapes, lsi, loc, attn = make_inputs(2, 2, 4, [(5, 4), (3, 2)], 3, 2)
+    if where == "attn_outside":
+        loc[1, 2, 1, 0, 1] = torch.tensor([1.7, 0.4], dtype=loc.dtype)
+        attn[1, 2, 1, 0, 1] = bad
+    else:
+        loc[1, 2, 1, 0, 1, 0 if where == "loc_x" else 1] = bad
+    inputs = [t.to(device) for t in (value, shapes, lsi, loc, attn)]
+    ref, ref_grads = _outputs_and_grads(_impl("pytorch"), *inputs)
+    out, grads = _outputs_and_grads(_impl("compiled"), *inputs)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+    finite = ~ref.isnan()
+    torch.testing.assert_close(out[finite], ref[finite])
+    if where != "attn_outside":  # grid_sample's gradients of the point itself are NaN as well
+        assert grads[2][1, 2, 1, 0, 1].isnan() and ref_grads[2][1, 2, 1, 0, 1].isnan()
+        assert grads[1][1, 2, 1, 0, 1].isnan().any()
+        assert not grads[0].isnan().any() and not ref_grads[0].isnan().any()
+
+
+NON_FINITE = pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+WHERE = pytest.mark.parametrize("where", ["loc_x", "loc_y", "attn_outside"])
+
+
+@NON_FINITE
+@WHERE
+def test_compiled_cpu_propagates_non_finite_like_pytorch(compiled_cpu, bad, where):
+    """A NaN/Inf sampling location (or a NaN/Inf weight of a point outside the map) gives NaN in
+    the kernel as in grid_sample, instead of a silent zero that keeps a diverging loss finite."""
+    _check_non_finite_like_pytorch(bad, where, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@NON_FINITE
+@WHERE
+def test_cuda_propagates_non_finite_like_pytorch(compiled_cuda, bad, where):
+    _check_non_finite_like_pytorch(bad, where, "cuda")

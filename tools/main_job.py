@@ -31,13 +31,23 @@ DOCS = os.path.join(benchmark.REPO, "docs", "benchmark.md")
 
 def update_docs(output_dir: str, schedule: str) -> str:
     """Put the run's table between ``<!-- results:<schedule> -->`` markers in docs/benchmark.md
-    and copy its plot to ``docs/benchmark_<schedule>.png``; returns the plot's path."""
+    and copy its plot to ``docs/benchmark_<schedule>.png`` (and its Visualizer grid, if any, to
+    ``docs/benchmark_<schedule>_grid.png``); returns the plot's path."""
     plot = os.path.join(os.path.dirname(DOCS), f"benchmark_{schedule}.png")
     shutil.copyfile(os.path.join(output_dir, "benchmark.png"), plot)
     with open(os.path.join(output_dir, "benchmark.md")) as f:
         table = f.read().strip()
     start, end = f"<!-- results:{schedule} -->", f"<!-- /results:{schedule} -->"
-    block = f"{start}\n{table}\n\n![speed-accuracy, {schedule}]({os.path.basename(plot)})\n{end}"
+    block = f"{start}\n{table}\n\n![speed-accuracy, {schedule}]({os.path.basename(plot)})\n"
+    grid = os.path.join(output_dir, "benchmark_grid.png")
+    if os.path.isfile(grid):
+        target = os.path.join(os.path.dirname(DOCS), f"benchmark_{schedule}_grid.png")
+        shutil.copyfile(grid, target)
+        block += (
+            f"\n![4 test images through every row (Detectron2 Visualizer), {schedule}]"
+            f"({os.path.basename(target)})\n"
+        )
+    block += end
     text = open(DOCS).read() if os.path.isfile(DOCS) else "# Benchmark\n"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]

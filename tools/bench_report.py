@@ -224,5 +224,5 @@ def write_grid(rows: Sequence[dict], path: str) -> None:
         panels += list(r["_panels"])[:ncols]
         labels += [r["name"]] * len(r["_panels"][:ncols])
     grid = labelled_grid(panels, labels, ncols=ncols, label_height=26)
-    if not cv2.imwrite(path, grid[..., ::-1]):
+    if not cv2.imwrite(path, grid[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9]):
         raise OSError(f"cannot write {path}")

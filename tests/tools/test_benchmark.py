@@ -249,31 +249,16 @@ def test_progress_weights_each_rows_passes_by_its_cost_for_the_eta():
 
 def test_rows_train_in_parallel_workers_then_are_measured_alone(shapes_tiny_env, tmp_path):
     out = tmp_path / "jobs"
-    argv = [
-        "--config",
-        MASK_RCNN,
-        MASK_RCNN,
-        "--names",
-        "a",
-        "b",
-        "--jobs",
-        "2",
-        *TINY_ARGS,
-        "--no-progress",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--output",
-        str(out),
-        *shapes_tiny_env.cfg_opts,
-        *TINY_OPTS,
-    ]
+    names = ["a", "b", "c"]  # 3 rows on 2 workers: one worker trains two rows
+    argv = ["--config", *[MASK_RCNN] * 3, "--names", *names, "--jobs", "2", *TINY_ARGS,
+            "--no-progress", "--repeats", "1", "--warmup", "0", "--output", str(out),
+            *shapes_tiny_env.cfg_opts, *TINY_OPTS]  # fmt: skip
     assert benchmark.main(argv) == 0
     rows = _read_csv(out / "benchmark.csv")
-    assert [r["name"] for r in rows] == ["a", "b"]
-    for r, sub in zip(rows, ("00_a", "01_b")):
+    assert [r["name"] for r in rows] == names
+    for r, sub in zip(rows, ("00_a", "01_b", "02_c")):
         assert float(r["train_s_iter"]) > 0 and math.isfinite(float(r["AP"]))
         assert os.path.isfile(out / "rows" / sub / "model_final.pth")
-        assert "Starting training" in (out / "rows" / sub / "log.txt").read_text()
+        log = (out / "rows" / sub / "log.txt").read_text()
+        assert log.count("Starting training") == 1, sub  # each row's log holds that row only
     assert "2 rows trained at once" in (out / "benchmark.md").read_text()

@@ -44,13 +44,14 @@ def _long() -> list[str]:
 def test_knet_instance_learns_on_shapes(tmp_path):
     # On the quick schedule's 600 iterations K-Net varies a lot between runs: seed 42 measured
     # segm AP 11.5 (0.3 / 4.6 / 9.4 after 150 / 300 / 450) in one run and 5.6 in `make demo`'s
-    # (docs/benchmark.md). The test runs the same schedule twice as long.
+    # (docs/benchmark.md). The test runs the same schedule twice as long: seed 42 measured
+    # segm / bbox AP 30.3 / 29.8 (647 s, beside another job).
     losses, results = train_and_evaluate(
         SHAPES + "knet_R18_shapes_instance.yaml", quick_schedule(1200), str(tmp_path), threads=2
     )
     assert loss_fell(losses, 0.5), losses
-    assert results["segm"]["AP"] > 8.0, results["segm"]
-    assert results["bbox"]["AP"] > 8.0, results["bbox"]
+    assert results["segm"]["AP"] > 15.0, results["segm"]
+    assert results["bbox"]["AP"] > 15.0, results["bbox"]
 
 
 @pytest.mark.slow

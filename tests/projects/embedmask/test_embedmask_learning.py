@@ -3,7 +3,7 @@
 A row of the quick schedule (``learning.quick_schedule``: standard preset, 96 px, 600 x 8 images,
 the shapes config's AdamW 5e-4): about 7 minutes on an idle 2-core CPU. Measured on this
 schedule (seed 42, one thread): box / mask AP 22.4 / 13.4 after 150 iterations, 32.5 / 28.1
-after 300, 57.8 / 32.8 after 600.
+after 300, 57.8 / 32.8 after 600; this test (2 threads): 52.9 / 33.3.
 """
 
 from __future__ import annotations

@@ -72,21 +72,23 @@ def loss_fell(losses: list[float], factor: float = 0.7) -> bool:
 
 
 def quick_schedule(iters: int = 600) -> list[str]:
-    """Overrides that train like a row of ``tools/main_job.py``'s quick schedule (benchmark
-    ``SCHEDULES["quick"]``): standard `shapes` preset at 96 px, 600 train / 100 val images,
-    multi-scale 80-112 px training, 8 images per batch, ``iters`` iterations with the LR steps
-    at 3/4 and 11/12 and 50 warm-up iterations, each config's own optimizer and LR. A learning
-    test on this schedule is a quick-schedule row, so the table's numbers are what it measures."""
+    """Overrides that train like a row of ``tools/main_job.py``'s quick schedule: its preset,
+    image size, splits, train/test sizes and batch (read from ``tools.benchmark``'s
+    ``SCHEDULES["quick"]``, so the two cannot drift apart), ``iters`` iterations with the LR
+    steps at 3/4 and 11/12 (the shapes schedule's 450 / 550 of 600) and 50 warm-up iterations,
+    each config's own optimizer and LR. A learning test on this schedule is a quick-schedule
+    row, so the table's numbers are what it measures."""
+    from tools.benchmark import settings_for
+
+    q = settings_for("quick")
     return [
-        "DATASETS.SHAPES.PRESET", "standard",
-        "DATASETS.SHAPES.IMAGE_SIZE", "96",
-        "DATASETS.SHAPES.NUM_TRAIN", "600",
-        "DATASETS.SHAPES.NUM_VAL", "100",
-        "INPUT.MIN_SIZE_TRAIN", "(80, 88, 96, 104, 112)",
-        "INPUT.MAX_SIZE_TRAIN", "192",
-        "INPUT.MIN_SIZE_TEST", "96",
-        "INPUT.MAX_SIZE_TEST", "192",
-        "SOLVER.IMS_PER_BATCH", "8",
+        "DATASETS.SHAPES.PRESET", q.preset,
+        "DATASETS.SHAPES.IMAGE_SIZE", str(q.image_size),
+        "DATASETS.SHAPES.NUM_TRAIN", str(q.num_train),
+        "DATASETS.SHAPES.NUM_VAL", str(q.num_val),
+        *q.opts,  # train short sides and max sizes
+        "INPUT.MIN_SIZE_TEST", str(q.input_size),
+        "SOLVER.IMS_PER_BATCH", str(q.ims_per_batch),
         "SOLVER.MAX_ITER", str(iters),
         "SOLVER.STEPS", f"({iters * 3 // 4}, {iters * 11 // 12})",
         "SOLVER.WARMUP_ITERS", "50",

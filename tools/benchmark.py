@@ -30,7 +30,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TOOLS = os.path.dirname(os.path.abspath(__file__))
 
 if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
     from .bench_core import (

@@ -19,8 +19,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-_TOOLS = os.path.dirname(os.path.abspath(__file__))
-
 if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
     from . import benchmark
 else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `tools`)

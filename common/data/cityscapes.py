@@ -47,9 +47,10 @@ __all__ = ["CITYSCAPES_EXTRA", "CityscapesInstanceEvaluator", "require_cityscape
 CITYSCAPES_EXTRA = "pip install 'queryseg[cityscapes]' (or: pip install cityscapesscripts)"
 
 
-def is_cityscapes(evaluator_type: str | None) -> bool:
-    """True for Detectron2's Cityscapes evaluator types (instance, semantic, panoptic)."""
-    return bool(evaluator_type) and str(evaluator_type).startswith("cityscapes")
+def needs_cityscapesscripts(evaluator_type: str | None) -> bool:
+    """True for Detectron2's Cityscapes instance datasets, whose loader (and evaluator) import
+    cityscapesscripts."""
+    return evaluator_type == "cityscapes_instance"
 
 
 def require_cityscapesscripts(what: str) -> None:

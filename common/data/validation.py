@@ -22,7 +22,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 
-from .cityscapes import is_cityscapes, require_cityscapesscripts
+from .cityscapes import needs_cityscapesscripts, require_cityscapesscripts
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def check_dataset_files(names: list[str] | tuple[str, ...]) -> None:
         if name not in DatasetCatalog.list():
             continue  # Detectron2's own "not registered" error lists the known names
         meta = MetadataCatalog.get(name)
-        if is_cityscapes(getattr(meta, "evaluator_type", None)):
+        if needs_cityscapesscripts(getattr(meta, "evaluator_type", None)):
             require_cityscapesscripts(f"dataset {name}")
         for field in _PATH_FIELDS:
             path = getattr(meta, field, None) if hasattr(meta, field) else None

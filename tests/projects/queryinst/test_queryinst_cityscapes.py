@@ -36,8 +36,9 @@ def test_cityscapes_config_trains_and_evaluates_through_train_net(tmp_path):
     write_tiny_cityscapes(str(root))
     out = tmp_path / "out"
     env = dict(os.environ, DETECTRON2_DATASETS=str(root), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", os.path.join(REPO, CONFIG),
-           *TINY_MODEL, *TINY_RUN, "OUTPUT_DIR", str(out)]  # fmt: skip
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"),
+           "--config-file", os.path.join(REPO, CONFIG), *TINY_MODEL, *TINY_RUN,
+           "OUTPUT_DIR", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"train_net failed:\n{log[-4000:]}"

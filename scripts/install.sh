@@ -35,6 +35,11 @@ echo "[install] torch, torchvision and the scientific stack"
 # panopticapi-lite pins numpy<2 in its metadata but does not need it: install without deps.
 "${PIP[@]}" --no-deps panopticapi-lite==0.2.0
 
+# The `cityscapes` extra (setup.cfg), ~0.5 MB and needed by the Cityscapes tests: cityscapesscripts
+# without its download/GUI dependencies (requests, appdirs, coloredlogs, the `typing` backport);
+# loading and evaluating need only pyquaternion besides what is installed above.
+"${PIP[@]}" --no-deps cityscapesscripts pyquaternion
+
 if [ "${QS_SKIP_D2:-0}" != "1" ] && ! "$VENV/bin/python" -c "import detectron2.modeling" 2>/dev/null; then
   echo "[install] Detectron2 (registry snapshot, rebuilt without its foreign _C binary)"
   mkdir -p "$CACHE"

@@ -14,6 +14,15 @@ _50e_coco`` (Swin-official backbone names). Usage::
         queryinst_R50_FPN_1x_coco.pth \\
         --config-file projects/queryinst/configs/queryinst_R50_FPN_1x_coco.yaml
 
+``--to-cityscapes`` writes the initialisation of the Cityscapes config instead (COCO's 80 class
+rows mapped by name to Cityscapes' 8; rider, which COCO lacks, starts from the Cityscapes model's
+own initialisation unless ``--class-source rider=person``); the source may then also be a
+QuerySeg COCO checkpoint (``backbone.bottom_up.*`` keys, Detectron2's COCO class order)::
+
+    python tools/convert_queryinst.py \
+        queryinst_r50_fpn_300_proposals_crop_mstrain_480-800_3x_coco_20210904_101802-85cffbd8.pth \
+        checkpoints/queryinst_R50_FPN_300q_coco_to_cityscapes.pth --to-cityscapes
+
 What changes: the backbone (mmdet ResNet -> ``backbone.bottom_up.res*``, Detectron2 names; Swin
 ``layers.i.downsample`` moved to stage i + 1, position-index buffers dropped) and the neck
 (``neck.{lateral,fpn}_convs.i.conv`` -> ``backbone.fpn_{lateral,output}{i+2}``); the class rows
@@ -27,6 +36,7 @@ model key is not produced or a shape differs; the error lists them.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -41,10 +51,13 @@ from common.convert.core import (  # noqa: E402
     ConversionReport,
     Rule,
     class_permutation,
+    class_row_sources,
     convert_state_dict,
     permute_rows,
+    remap_class_rows,
 )
 from common.convert.rules import (  # noqa: E402
+    CITYSCAPES_FROM_COCO,
     MMDET_COCO_CLASSES,
     drop_unused_batch_counters,
     fpn_rules,
@@ -54,7 +67,14 @@ from common.convert.rules import (  # noqa: E402
     swin_rules,
 )
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_CONFIG = "projects/queryinst/configs/queryinst_R50_FPN_1x_coco.yaml"
+CITYSCAPES_CONFIG = "projects/queryinst/configs/queryinst_R50_FPN_300q_ms_24k_cityscapes.yaml"
+#: Every stage's class rows: the DIIHead classifier and the mask head's class-specific masks.
+CLASS_ROW_KEYS = (
+    r"roi_head\.(?:bbox_head\.\d+\.fc_cls|mask_head\.\d+\.conv_logits)\.(?:weight|bias)"
+)
 
 _W = r"(weight|bias)"
 #: DIIHead parameters (spec B7), ``roi_head.bbox_head.{t}.`` + these; the same names in ours.
@@ -172,13 +192,102 @@ def convert_queryinst(
     return out, report
 
 
+def is_queryseg_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for a QuerySeg QueryInst state dict (Detectron2 backbone names)."""
+    return any(k.startswith("backbone.bottom_up.") for k in state)
+
+
+def convert_queryinst_to_classes(
+    state: Mapping[str, torch.Tensor],
+    dst_classes: Sequence[str],
+    target: Mapping[str, torch.Tensor],
+    class_sources: Mapping[str, str | None] | None = None,
+) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+    """A COCO QueryInst checkpoint as the initialisation of a model for other classes.
+
+    Args:
+        state: an official checkpoint's state dict (spec B7 names, mmdet's COCO class order) or a
+            QuerySeg one (Detectron2's names and COCO class order).
+        dst_classes: the target model's classes, in its order (e.g. Cityscapes' 8).
+        target: the target model's ``state_dict()``: its shapes are checked by the caller, and
+            its own (random) rows initialise the classes without a source row.
+        class_sources: per target class, the source class whose rows it starts from instead of
+            its namesake; ``None`` for the model's initialisation. Default:
+            :data:`common.convert.rules.CITYSCAPES_FROM_COCO` (rider from the initialisation).
+
+    Every stage's ``fc_cls`` and ``conv_logits`` rows are selected by class name
+    (:func:`common.convert.core.class_row_sources`); all other tensors are converted as usual.
+    """
+    if is_queryseg_layout(state):
+        src_classes = coco_thing_classes()
+        converted, report = dict(state), ConversionReport()
+    else:
+        src_classes = MMDET_COCO_CLASSES  # keep the checkpoint's order; rows are picked by name
+        converted, report = convert_queryinst(state, target, src_classes, src_classes)
+    if class_sources is None:
+        class_sources = {k: v for k, v in CITYSCAPES_FROM_COCO.items() if k in dst_classes}
+    rows = class_row_sources(src_classes, dst_classes, "QueryInst class rows", class_sources)
+    missing = [n for n, r in zip(dst_classes, rows) if r is None]
+    logger.info(
+        "class rows by name: %s",
+        ", ".join(
+            f"{n}<-{src_classes[r] if r is not None else 'model init'}"
+            for n, r in zip(dst_classes, rows)
+        ),
+    )
+    if missing:
+        logger.info("classes starting from the model's initialisation: %s", missing)
+    return remap_class_rows(converted, CLASS_ROW_KEYS, rows, target), report
+
+
+def _parse_class_sources(items: Sequence[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for item in items:
+        dst, sep, src = item.partition("=")
+        if not sep or not dst:
+            raise CheckpointError(f"--class-source {item!r}: expected TARGET=SOURCE or TARGET=")
+        out[dst] = src or None
+    return out
+
+
+def _add_arguments(parser) -> None:
+    parser.add_argument(
+        "--to-cityscapes", action="store_true",
+        help="map COCO's class rows by name to the classes of the config's training set (default "
+             f"config then {CITYSCAPES_CONFIG}); the source may also be a QuerySeg checkpoint",
+    )  # fmt: skip
+    parser.add_argument(
+        "--class-source", action="append", default=[], metavar="TARGET=SOURCE",
+        help="with --to-cityscapes: start TARGET's rows from SOURCE's (e.g. rider=person); "
+             "TARGET= for the model's initialisation (default for rider)",
+    )  # fmt: skip
+
+
 def _convert(state, args):
     target = args.model.state_dict() if args.model is not None else None
-    return convert_queryinst(state, target)
+    if not args.to_cityscapes:
+        if args.class_source:
+            raise CheckpointError("--class-source needs --to-cityscapes")
+        return convert_queryinst(state, target)
+    if target is None:
+        raise CheckpointError("--to-cityscapes needs --config-file (the target model)")
+    from detectron2.data import MetadataCatalog
+
+    dataset = args.cfg.DATASETS.TRAIN[0]
+    dst_classes = list(MetadataCatalog.get(dataset).thing_classes)
+    sources = None
+    if args.class_source:
+        sources = {k: v for k, v in CITYSCAPES_FROM_COCO.items() if k in dst_classes}
+        sources.update(_parse_class_sources(args.class_source))
+    return convert_queryinst_to_classes(state, dst_classes, target, sources)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return converter_main(__doc__.splitlines()[0], _convert, DEFAULT_CONFIG, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = CITYSCAPES_CONFIG if "--to-cityscapes" in argv else DEFAULT_CONFIG
+    return converter_main(
+        __doc__.splitlines()[0], _convert, default, argv, add_arguments=_add_arguments
+    )
 
 
 if __name__ == "__main__":

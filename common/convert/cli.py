@@ -41,6 +41,7 @@ def converter_main(
     argv: Sequence[str] | None = None,
     formats: Sequence[str] = (),
     target: Callable[[torch.nn.Module], Mapping[str, torch.Tensor]] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """Shared CLI of ``tools/convert_*.py``: load (safely), convert, check against the QuerySeg
     model built from ``--config-file``, and write only when every key maps.
@@ -51,7 +52,8 @@ def converter_main(
     (e.g. which norms keep a BatchNorm counter). ``target(model)`` selects the part of the model's
     state the result must match exactly (default: all of it, and the result records the
     meta-architecture); a backbone initialisation passes its backbone part and records none,
-    since one backbone file serves every method.
+    since one backbone file serves every method. ``add_arguments(parser)`` adds a converter's own
+    options (they reach ``convert`` in ``args``).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("src", help="the official checkpoint (.pth / .pkl)")
@@ -67,6 +69,8 @@ def converter_main(
         action="store_true",
         help="allow arbitrary pickled objects in src (only for files you trust)",
     )
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument(
         "opts", nargs="*", help="KEY VALUE config overrides (anywhere after src dst)"
     )

@@ -311,3 +311,81 @@ def permute_rows(perm: Sequence[int], extra: int = 0) -> Transform:
         return t[idx]
 
     return apply
+
+
+def class_row_sources(
+    src_names: Sequence[str],
+    dst_names: Sequence[str],
+    what: str,
+    sources: Mapping[str, str | None] | None = None,
+) -> list[int | None]:
+    """For each target class, the index of the source class row it starts from, by name.
+
+    A target class takes the source row of the same name, or of ``sources[target]`` when given
+    (e.g. ``{"rider": "person"}``); ``sources[target] = None`` (or a target name the source lacks,
+    with no entry in ``sources``) means no source row: ``None``, to be filled with the target
+    model's own initial row (:func:`remap_class_rows`). Unlike :func:`class_permutation` the two
+    lists may differ in length and source classes may go unused (COCO's 80 -> Cityscapes' 8).
+
+    Raises:
+        CheckpointError: a ``sources`` entry names a class absent from the source or the target,
+            or a target class appears twice.
+    """
+    index = {n: i for i, n in enumerate(src_names)}
+    sources = dict(sources or {})
+    bad_src = {d: s for d, s in sources.items() if s is not None and s not in index}
+    bad_dst = [d for d in sources if d not in dst_names]
+    dup = sorted({n for n in dst_names if list(dst_names).count(n) > 1})
+    if bad_src or bad_dst or dup:
+        raise CheckpointError(
+            f"{what}: cannot map class rows: sources absent from the checkpoint's classes "
+            f"{bad_src}; targets absent from the model's classes {bad_dst}; repeated targets {dup}"
+        )
+    out: list[int | None] = []
+    for name in dst_names:
+        src = sources[name] if name in sources else name
+        out.append(index.get(src) if src is not None else None)
+    return out
+
+
+def remap_class_rows(
+    state: Mapping[str, torch.Tensor],
+    pattern: str,
+    rows: Sequence[int | None],
+    initial: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Select class rows (dim 0) of every key of ``state`` that fully matches ``pattern``.
+
+    Row ``i`` of the result is the source row ``rows[i]``, or, where ``rows[i]`` is ``None``,
+    row ``i`` of ``initial[key]`` (the target model's own initialisation, e.g. a class the source
+    never learned). Other keys are returned unchanged.
+
+    Raises:
+        CheckpointError: a row index beyond the source tensor, no pattern match at all, or a
+            ``None`` row without ``initial`` / with an ``initial`` of the wrong shape.
+    """
+    regex = re.compile(pattern)
+    out = dict(state)
+    matched = [k for k in state if regex.fullmatch(k)]
+    if not matched:
+        raise CheckpointError(f"no class-row key matches {pattern!r}")
+    fresh = [i for i, r in enumerate(rows) if r is None]
+    for key in matched:
+        t = state[key]
+        if any(r is not None and r >= t.shape[0] for r in rows):
+            raise CheckpointError(
+                f"{key}: class row index {max(r for r in rows if r is not None)} is beyond its "
+                f"{t.shape[0]} rows"
+            )
+        picked = t[[r if r is not None else 0 for r in rows]].clone()
+        if fresh:
+            init = initial.get(key) if initial is not None else None
+            if init is None or tuple(init.shape) != tuple(picked.shape):
+                raise CheckpointError(
+                    f"{key}: target class rows {fresh} have no source row and need the model's "
+                    "initial values (build the model from the target config), found "
+                    f"{None if init is None else tuple(init.shape)} for {tuple(picked.shape)}"
+                )
+            picked[fresh] = init[fresh].to(picked.dtype)
+        out[key] = picked
+    return out

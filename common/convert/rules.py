@@ -17,6 +17,8 @@ checkpoint (mmdet ``backbone.``) alike.
   :func:`swin_layout` tells them apart.
 - :data:`MMDET_COCO_CLASSES`: mmdet's ``CocoDataset`` class order, for
   :func:`common.convert.core.class_permutation` against Detectron2's ``builtin_meta`` names.
+- :data:`CITYSCAPES_FROM_COCO`: where Cityscapes class rows without a COCO namesake start from,
+  for :func:`common.convert.core.class_row_sources` (COCO's 80 rows -> Cityscapes' 8 by name).
 - :func:`drop_unused_batch_counters`, :func:`initial_values`: reconcile a converted dict with the
   model it is for (BatchNorm counters a FrozenBN model has no slot for; parameters that an
   ImageNet classifier cannot provide and whose initial value the official code fixes).
@@ -40,6 +42,7 @@ __all__ = [
     "swin_rules",
     "drop_unused_batch_counters",
     "initial_values",
+    "CITYSCAPES_FROM_COCO",
 ]
 
 #: mmdet ``CocoDataset.CLASSES`` (2.x) / ``METAINFO["classes"]`` (3.x): the 80 thing classes
@@ -56,6 +59,14 @@ MMDET_COCO_CLASSES = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
+
+#: Cityscapes thing classes (Detectron2's ``cityscapes`` metadata: person, rider, car, truck,
+#: bus, train, motorcycle, bicycle) whose class rows do not come from the COCO row of the same
+#: name, for :func:`common.convert.core.class_row_sources`: ``rider`` has no COCO class and
+#: starts from the target model's own initialisation (``None``), as in Mask R-CNN's Cityscapes
+#: fine-tuning from COCO ("rider being randomly initialized", He et al. 2017, appendix). The
+#: other seven take the COCO rows of their names.
+CITYSCAPES_FROM_COCO: dict[str, str | None] = {"rider": None}
 
 _DEEP_STEM = (  # timm ResNet-C/D (conv1.N + bn1) and mmcv ResNetV1c/V1d (stem.N)
     ("conv1.0", "stem.conv1"),

@@ -24,6 +24,7 @@ from detectron2.evaluation import (
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
+from .cityscapes import CityscapesInstanceEvaluator
 from .shapes import ensure_generated
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ def build_evaluator(
       ``COCOEvaluator`` for "segm"/"bbox" (needs metadata ``json_file``) and ``SemSegEvaluator``
       for "sem_seg" (needs semantic labels, metadata ``sem_seg_root``).
     - "sem_seg": ``SemSegEvaluator``.
+    - "cityscapes_instance": the official Cityscapes instance evaluation
+      (:class:`common.data.cityscapes.CityscapesInstanceEvaluator`, needs ``cityscapesscripts``)
+      for "segm", and ``COCOEvaluator`` for "bbox" (the official script scores masks only).
 
     Args:
         cfg: config with ``TEST.EVAL_TASKS`` (see ``common.engine.defaults.add_common_config``).
@@ -134,9 +138,26 @@ def build_evaluator(
             )
         return _sem_seg_evaluator(dataset_name, output_folder)
 
+    if evaluator_type == "cityscapes_instance":
+        evaluators = []
+        if "segm" in tasks:
+            evaluators.append(CityscapesInstanceEvaluator(dataset_name))
+        if "bbox" in tasks:
+            evaluators.append(
+                COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True,
+                              output_dir=output_folder)
+            )  # fmt: skip
+        if not evaluators:
+            raise ValueError(
+                f"dataset {dataset_name!r} (evaluator_type 'cityscapes_instance') is evaluated on "
+                f"'segm' and/or 'bbox', but cfg.TEST.EVAL_TASKS={tasks!r} has neither"
+            )
+        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
     raise ValueError(
         f"no evaluator for dataset {dataset_name!r}: its metadata evaluator_type is "
-        f"{evaluator_type!r}; supported: 'coco', 'coco_panoptic_seg', 'sem_seg'"
+        f"{evaluator_type!r}; supported: 'coco', 'coco_panoptic_seg', 'sem_seg', "
+        "'cityscapes_instance'"
     )
 
 

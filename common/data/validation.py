@@ -22,10 +22,15 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 
+from .cityscapes import needs_cityscapesscripts, require_cityscapesscripts
+
 logger = logging.getLogger(__name__)
 
 # metadata fields that name a file or folder a dataset reads
-_PATH_FIELDS = ("json_file", "image_root", "panoptic_json", "panoptic_root", "sem_seg_root")
+_PATH_FIELDS = (
+    "json_file", "image_root", "panoptic_json", "panoptic_root", "sem_seg_root",
+    "image_dir", "gt_dir",  # Detectron2's Cityscapes registrations
+)  # fmt: skip
 
 _PREPARE_HINTS = {
     "coco": (
@@ -38,6 +43,12 @@ _PREPARE_HINTS = {
         "prepare ADE20K under $DETECTRON2_DATASETS/ADEChallengeData2016/: unzip "
         "ADEChallengeData2016.zip (sceneparsing.csail.mit.edu), then run detectron2's "
         "datasets/prepare_ade20k_sem_seg.py (writes annotations_detectron2/)"
+    ),
+    "cityscapes": (
+        "prepare Cityscapes under $DETECTRON2_DATASETS/cityscapes/: unzip "
+        "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip (cityscapes-dataset.com) there, "
+        "giving leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/"
+        "*_gtFine_{polygons.json,instanceIds.png,labelIds.png}"
     ),
 }
 
@@ -160,15 +171,18 @@ def check_dataset_files(names: list[str] | tuple[str, ...]) -> None:
     """Raise ``FileNotFoundError`` naming the first missing file/folder of any dataset in
     ``names`` (as its metadata records them), with a hint on how to prepare COCO / ADE20K.
 
-    Datasets registered without paths in their metadata are not checked."""
+    Datasets registered without paths in their metadata are not checked. A Cityscapes dataset
+    also needs ``cityscapesscripts`` (an ``ImportError`` names the extra to install)."""
     for name in names:
         if name not in DatasetCatalog.list():
             continue  # Detectron2's own "not registered" error lists the known names
         meta = MetadataCatalog.get(name)
+        if needs_cityscapesscripts(getattr(meta, "evaluator_type", None)):
+            require_cityscapesscripts(f"dataset {name}")
         for field in _PATH_FIELDS:
             path = getattr(meta, field, None) if hasattr(meta, field) else None
             if path and not os.path.exists(path):
-                kind = "ade20k" if "ade20k" in name else "coco" if "coco" in name else None
+                kind = next((k for k in _PREPARE_HINTS if k in name), None)
                 hint = _PREPARE_HINTS.get(
                     kind, "register the dataset with existing paths or fix the paths"
                 )

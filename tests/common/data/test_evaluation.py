@@ -190,7 +190,7 @@ def test_unknown_dataset_name(cfg):
         build_evaluator(cfg, "shapes_vall")
 
 
-@pytest.mark.parametrize("evaluator_type", ["cityscapes_instance", None])
+@pytest.mark.parametrize("evaluator_type", ["cityscapes_sem_seg", None])
 def test_unknown_evaluator_type(cfg, evaluator_type):
     name = f"qs_test_type_{evaluator_type}"
     if name not in DatasetCatalog.list():

@@ -190,3 +190,29 @@ def init_mismatches(
         if reason:
             problems.append(reason)
     return problems
+
+
+def expected_from_rules(
+    state: Mapping[str, torch.Tensor], rules, skip: tuple[str, ...] = ()
+) -> tuple[dict[str, Dist], list[str]]:
+    """Expected init per tensor of ``state`` from ``rules``: ``[(regex, dist_or_fn), ...]``, the
+    first ``re.fullmatch`` wins; ``dist_or_fn`` is a :class:`Dist` or ``fn(shape) -> Dist``
+    (e.g. :func:`xavier_uniform`). Keys starting with a prefix in ``skip`` are left out.
+
+    Returns:
+        (expected, unmatched keys) - a test asserts that nothing is unmatched, so every
+        parameter of the model has a stated init.
+    """
+    import re
+
+    expected, unmatched = {}, []
+    for key, tensor in state.items():
+        if key.startswith(skip):
+            continue
+        for pattern, rule in rules:
+            if re.fullmatch(pattern, key):
+                expected[key] = rule if isinstance(rule, Dist) else rule(tuple(tensor.shape))
+                break
+        else:
+            unmatched.append(key)
+    return expected, unmatched

@@ -48,6 +48,7 @@ EXTRA = {
     "ftfy": "6.3.1",  # mmseg.utils.tokenizer (imported by mmseg.utils)
     "wcwidth": "0.9.5",  # ftfy, prettytable
     "regex": "2026.12.2",  # mmseg.utils.tokenizer
+    "six": "1.17.0",  # mmdet.models.utils.misc
 }
 _STAMP = "QS_PARITY_REFS.txt"
 _DROP = ("tests", "yapftests", "bin")

@@ -114,6 +114,7 @@ class KNetSemantic(nn.Module):
                 updator_channels=k.UPDATOR_DIM,
                 hard_mask_thr=None,
                 with_cls=False,
+                reference_init="mmseg",
             )
             for _ in range(k.NUM_STAGES)
         ]

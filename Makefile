@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # the main job's schedule: quick (CPU, < 30 min) or full (the documented CPU schedules)
 SCHEDULE ?= quick
 
-.PHONY: install demo test test-learning test-all lint cuda-check clean-build
+.PHONY: install demo test test-learning test-all test-parity lint cuda-check clean-build
 
 install:
 	bash scripts/install.sh
@@ -15,7 +15,7 @@ demo: install
 
 # The test suite CI runs: everything but the learning tests (marked `slow`).
 test: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not parity" tests
 
 # The learning tests: each method trains briefly on `shapes` and must reach AP/PQ/mIoU thresholds
 # through the real evaluators (minutes each on a 2-core CPU).
@@ -24,6 +24,12 @@ test-learning: install
 
 test-all: install
 	$(PY) -m pytest -q tests
+
+# Parity with the OpenMMLab reference implementations (README): installs them into .parity_refs/
+# (pip --target, never into .venv), then runs tests/parity (pytest marker `parity`).
+test-parity: install
+	$(PY) tests/parity/parity_refs.py
+	$(PY) -m pytest -q -m parity tests/parity
 
 # ruff is pinned in constraints.txt and configured in pyproject.toml
 lint: install

@@ -78,6 +78,13 @@ def add_common_config(cfg: CN) -> None:
     # segm + bbox, panoptic: panoptic_seg, semantic: sem_seg) unless a config sets it; a set
     # value must hold the task's output and nothing the task cannot produce.
     cfg.TEST.EVAL_TASKS = ("segm", "bbox")
+    # Multi-scale + flip testing of semantic models (common.modeling.sem_seg_tta, mmseg's aug
+    # test): run every ratio of the test scale (INPUT.MIN/MAX_SIZE_TEST x r) and its mirror,
+    # average the "sem_seg" outputs at the original size. Needs TEST.EVAL_TASKS ("sem_seg",).
+    cfg.TEST.SEM_SEG_TTA = CN()
+    cfg.TEST.SEM_SEG_TTA.ENABLED = False
+    cfg.TEST.SEM_SEG_TTA.RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's img_ratios
+    cfg.TEST.SEM_SEG_TTA.FLIP = True  # also run each scale flipped horizontally
 
     # ---- solver --------------------------------------------------------------------------
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" | "SGD"

@@ -28,6 +28,7 @@ from detectron2.data import MetadataCatalog
 import common.data  # noqa: F401  (registers the shapes_* datasets, whose metadata it reads)
 from common.engine.projects import load_projects
 from common.modeling.meta_arch import metadata_class_count
+from common.modeling.sem_seg_tta import sem_seg_tta_settings
 
 __all__ = [
     "TASKS",
@@ -300,4 +301,5 @@ def finalize_config(cfg: CfgNode, explicit: set[str] | None = None) -> CfgNode:
         if project.finalize is not None:
             project.finalize(cfg, fin)
     fin.finish()
+    sem_seg_tta_settings(cfg)  # TEST.SEM_SEG_TTA: checked (and read) at start-up, not at eval
     return cfg

@@ -25,10 +25,11 @@ def _is_norm(module: torch.nn.Module) -> bool:
 def get_param_groups(cfg: CfgNode, model: torch.nn.Module) -> list[dict[str, Any]]:
     """One parameter group per trainable parameter with its LR and weight decay.
 
-    Rules: parameters under ``backbone.`` get ``BASE_LR * BACKBONE_MULTIPLIER``; norm-layer weights
-    and biases get ``WEIGHT_DECAY_NORM``; ``nn.Embedding`` weights and names matching
-    ``NO_DECAY_KEYWORDS`` get ``WEIGHT_DECAY_EMBED`` / 0; other biases get ``WEIGHT_DECAY_BIAS``
-    (when set).
+    Rules: parameters under ``backbone.`` get ``BASE_LR * BACKBONE_MULTIPLIER``; names containing
+    one of ``NO_DECAY_KEYWORDS`` get weight decay 0 (first, so a keyword can pick some norm layers
+    out, as mmengine's ``paramwise_cfg.custom_keys`` do by name); other norm-layer weights and
+    biases get ``WEIGHT_DECAY_NORM``; ``nn.Embedding`` weights ``WEIGHT_DECAY_EMBED``; other biases
+    ``WEIGHT_DECAY_BIAS`` (when set).
     """
     s = cfg.SOLVER
     wd_bias = s.WEIGHT_DECAY_BIAS if s.WEIGHT_DECAY_BIAS is not None else s.WEIGHT_DECAY
@@ -42,12 +43,12 @@ def get_param_groups(cfg: CfgNode, model: torch.nn.Module) -> list[dict[str, Any
             lr, wd = s.BASE_LR, s.WEIGHT_DECAY
             if full.startswith("backbone.") or ".backbone." in full:
                 lr = lr * s.BACKBONE_MULTIPLIER
-            if _is_norm(module):
+            if any(k in full for k in s.NO_DECAY_KEYWORDS):
+                wd = 0.0
+            elif _is_norm(module):
                 wd = s.WEIGHT_DECAY_NORM
             elif isinstance(module, torch.nn.Embedding):
                 wd = s.WEIGHT_DECAY_EMBED
-            elif any(k in full for k in s.NO_DECAY_KEYWORDS):
-                wd = 0.0
             elif name == "bias":
                 wd = wd_bias
             groups.append({"params": [p], "lr": lr, "weight_decay": wd, "name": full})

@@ -35,6 +35,7 @@ from common.engine.resume import (
 )
 from common.engine.solver import build_optimizer
 from common.engine.visualization import VisualizationHook
+from common.modeling.sem_seg_tta import maybe_wrap_sem_seg_tta
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +213,11 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None):
         """Detectron2's ``test`` under forked RNGs: evaluating leaves the training RNGs as they
-        were (exact resume)."""
+        were (exact resume). With ``TEST.SEM_SEG_TTA.ENABLED`` the model is evaluated through
+        the multi-scale + flip wrapper (same evaluators)."""
         states = rng_state()
         try:
-            return super().test(cfg, model, evaluators)
+            return super().test(cfg, maybe_wrap_sem_seg_tta(cfg, model), evaluators)
         finally:
             set_rng_state(states)
 

@@ -27,6 +27,7 @@ from common.modeling.losses import (
     dice_loss,
     giou_loss,
     l1_box_loss,
+    loss_precision,
     normalize_boxes,
     sigmoid_focal_loss,
     softmax_ce_loss,
@@ -198,7 +199,7 @@ class SoftmaxLabelsLoss(LossTerm):
         b_idx, q_idx = src_permutation_idx(indices, logits.device)
         labels = matched_labels(targets, indices, logits.device)
         classes[b_idx, q_idx] = labels
-        return {"loss_ce": softmax_ce_loss(logits.float(), classes, class_weight=weight)}
+        return {"loss_ce": softmax_ce_loss(loss_precision(logits), classes, class_weight=weight)}
 
 
 @register_loss_term("masks_point")
@@ -224,7 +225,7 @@ class PointMaskLoss(LossTerm):
     def __call__(self, outputs, targets, indices, num_targets):
         masks = outputs["pred_masks"]
         b_idx, q_idx = src_permutation_idx(indices, masks.device)
-        src = masks[b_idx, q_idx].float()[:, None]  # [M, 1, h, w]
+        src = loss_precision(masks[b_idx, q_idx])[:, None]  # [M, 1, h, w]
         if src.shape[0] == 0:
             zero = masks.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
@@ -299,7 +300,7 @@ class _DenseMaskBase(LossTerm):
     def _pairs(self, outputs, targets, indices, num_targets):
         masks = outputs["pred_masks"]
         b_idx, q_idx = src_permutation_idx(indices, masks.device)
-        src = masks[b_idx, q_idx].float()
+        src = loss_precision(masks[b_idx, q_idx])
         tgt = matched_target_masks(targets, indices, tuple(masks.shape[-2:])).to(src.device)
         avg = None if self.normalizer == "local" else num_targets
         return src, tgt, avg
@@ -348,7 +349,7 @@ class BoxLoss(LossTerm):
     def __call__(self, outputs, targets, indices, num_targets):
         boxes = outputs["pred_boxes"]
         b_idx, q_idx = src_permutation_idx(indices, boxes.device)
-        src = boxes[b_idx, q_idx].float()
+        src = loss_precision(boxes[b_idx, q_idx])
         tgt, src_n, tgt_n = [], [], []
         start = 0
         for t, (_, j) in zip(targets, indices):

@@ -373,6 +373,12 @@ def giou_loss(
     return reduce_loss(loss, reduction, avg_factor)
 
 
+def loss_precision(x: Tensor) -> Tensor:
+    """``x`` in the precision losses are computed in: float32 for half/bfloat16/float32 inputs
+    (mixed precision), float64 kept as float64 (the parity suite compares float64 runs)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def normalize_boxes(boxes: Tensor, image_size: Union[Tensor, Sequence[int]]) -> Tensor:
     """Divide absolute xyxy boxes by the image's (w, h, w, h).
 

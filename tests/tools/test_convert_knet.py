@@ -282,11 +282,11 @@ CASES = {
     "semantic-DeepLabV3-R50-D8": ("semantic", "knet_deeplabv3_R50-D8_80k_ade20k.yaml",
                                   lambda f: knet_seg(f, "ASPP", ("r",), 512)),
     "semantic-UPerNet-R50": ("semantic", "knet_upernet_R50_80k_ade20k.yaml",
-                             lambda f: knet_seg(f, "UPER", ("r",), 256)),
+                             lambda f: knet_seg(f, "UPER", ("r",), 512)),
     "semantic-UPerNet-SwinT": ("semantic", "knet_upernet_SwinT_80k_ade20k.yaml",
-                               lambda f: knet_seg(f, "UPER", SWIN_T, 256)),
+                               lambda f: knet_seg(f, "UPER", SWIN_T, 512)),
     "semantic-UPerNet-SwinL": ("semantic", "knet_upernet_SwinL_80k_ade20k.yaml",
-                               lambda f: knet_seg(f, "UPER", SWIN_L, 256)),
+                               lambda f: knet_seg(f, "UPER", SWIN_L, 512)),
 }  # fmt: skip
 
 

@@ -100,6 +100,7 @@ class KernelUpdateHead(nn.Module):
         updator_channels: int = 256,
         hard_mask_thr: float | None = 0.5,
         with_cls: bool = True,
+        reference_init: str = "mmdet",
     ):
         """
         Args:
@@ -113,7 +114,17 @@ class KernelUpdateHead(nn.Module):
             hard_mask_thr: group feature assembling with binary masks ``sigmoid(m) > thr``
                 (instance/panoptic); None: soft masks ``softmax(m, dim=kernels)`` (semantic).
             with_cls: build the classification branch (False in the semantic variant).
+            reference_init: the initialisation of the reference the weights follow. "mmdet"
+                (ZwwWayne/K-Net, instance/panoptic: its ``KernelIterHead.init_weights`` calls
+                each head's ``init_weights``): Xavier-uniform on every matrix, the focal prior
+                on ``fc_cls``. "mmseg" (mmsegmentation 1.2.2, semantic): that ``init_weights``
+                never runs (the heads sit in a plain ``nn.ModuleList``), so every layer keeps
+                PyTorch's default. In both, ``feat_transform`` is an mmcv ``ConvModule``
+                initialised at construction (Kaiming-normal fan_out, zero bias), which the
+                Xavier pass then overwrites in "mmdet" except the bias.
         """
+        if reference_init not in ("mmdet", "mmseg"):
+            raise ValueError(f"reference_init must be 'mmdet' or 'mmseg', got {reference_init!r}")
         super().__init__()
         if (in_channels * conv_kernel_size**2) % updator_channels:
             raise ValueError(
@@ -147,9 +158,13 @@ class KernelUpdateHead(nn.Module):
             self.fc_cls = nn.Linear(in_channels, num_classes)
         self.mask_fcs = _fc_ln_relu_stack(in_channels, num_mask_fcs)
         self.fc_mask = nn.Linear(in_channels, in_channels)
-        self._reset_parameters()
+        self._reset_parameters(reference_init)
 
-    def _reset_parameters(self) -> None:
+    def _reset_parameters(self, reference_init: str) -> None:
+        nn.init.kaiming_normal_(self.feat_transform.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.feat_transform.bias)
+        if reference_init == "mmseg":
+            return
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)

@@ -114,6 +114,7 @@ class KNetSemantic(nn.Module):
                 updator_channels=k.UPDATOR_DIM,
                 hard_mask_thr=None,
                 with_cls=False,
+                reference_init="mmseg",
             )
             for _ in range(k.NUM_STAGES)
         ]
@@ -202,8 +203,10 @@ class KNetSemantic(nn.Module):
         """mmseg ``CrossEntropyLoss``: logits resized bilinearly to the labels, per-pixel CE,
         summed over valid pixels and divided by ALL pixels (``avg_non_ignore=False``)."""
         logits = F.interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=False)
+        if logits.dtype != torch.float64:  # half precision (AMP) -> float32; float64 kept
+            logits = logits.float()
         return softmax_ce_loss(
-            logits.permute(0, 2, 3, 1).float(),
+            logits.permute(0, 2, 3, 1),
             labels,
             ignore_index=self.ignore_value,
             avg_factor=float(max(labels.numel(), 1)),

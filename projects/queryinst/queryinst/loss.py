@@ -17,7 +17,7 @@ from detectron2.structures import BitMasks
 from torch import Tensor
 
 from common.modeling.criterion import LossTerm, register_loss_term
-from common.modeling.losses import dice_loss
+from common.modeling.losses import dice_loss, loss_precision
 
 __all__ = ["RoIMaskDiceLoss", "roi_mask_targets"]
 
@@ -45,11 +45,18 @@ def roi_mask_targets(
             continue
         masks = t["masks"]
         gt = BitMasks(masks[tgt.to(masks.device)].bool())
-        rois = pred_boxes[b, src.to(pred_boxes.device)].detach().float().to(masks.device)
+        rois = pred_boxes[b, src.to(pred_boxes.device)].detach().to(masks.device)
+        # mmdet's mask_target clips the RoIs to the GT bitmap (the padded batch frame) before
+        # cropping; the logits were predicted in the unclipped RoIs, as there
+        height, width = masks.shape[-2:]
+        rois = torch.stack(
+            [rois[:, 0].clamp(0, width), rois[:, 1].clamp(0, height),
+             rois[:, 2].clamp(0, width), rois[:, 3].clamp(0, height)], dim=1,
+        )  # fmt: skip
         out.append(gt.crop_and_resize(rois, mask_size).float())
     if not out:
         return pred_boxes.new_zeros((0, mask_size, mask_size), dtype=torch.float32)
-    return torch.cat(out).to(pred_boxes.device)
+    return torch.cat(out).to(pred_boxes.device, loss_precision(pred_boxes).dtype)
 
 
 @register_loss_term("roi_mask_dice")
@@ -72,7 +79,7 @@ class RoIMaskDiceLoss(LossTerm):
             raise ValueError(f"{logits.shape[0]} RoI mask logits for {num} matched queries")
         mask_targets = roi_mask_targets(targets, indices, outputs["pred_boxes"], logits.shape[-1])
         loss = dice_loss(
-            logits.float(),
+            loss_precision(logits),
             mask_targets,
             form="squared",
             eps=self.eps,

@@ -73,10 +73,15 @@ class DynamicMaskHead(nn.Module):
         self.upsample = nn.ConvTranspose2d(last, conv_dim, 2, stride=2)
         self.relu = nn.ReLU(inplace=True)
         self.conv_logits = nn.Conv2d(conv_dim, num_classes, 1)
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        nn.init.constant_(self.conv_logits.bias, 0.0)
+        # The reference's effective init (mmdet 3.3.0, checked by tests/parity): the conv stack
+        # as mmcv's ConvModule initialises itself (Kaiming normal, fan_out, ReLU; zero bias),
+        # everything else PyTorch's default. ``DynamicMaskHead.init_weights`` (Xavier on every
+        # matrix, zero ``conv_logits`` bias) is never called there: the mask heads sit in a plain
+        # ``nn.ModuleList``, which mmengine's recursive ``init_weights`` does not enter.
+        for block in self.convs:
+            nn.init.kaiming_normal_(block.conv.weight, mode="fan_out", nonlinearity="relu")
+            if block.conv.bias is not None:
+                nn.init.zeros_(block.conv.bias)
 
     def forward(self, roi_features: Tensor, attn_features: Tensor) -> Tensor:
         """

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from detectron2.config import configurable
 from detectron2.layers import paste_masks_in_image
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling import FPN, META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
@@ -34,6 +34,19 @@ from . import loss as _loss  # noqa: F401  (registers the "roi_mask_dice" loss t
 from .roi_head import EmbeddingRPNHead, QueryRoIHead
 
 __all__ = ["QueryInst"]
+
+
+def _xavier_fpn_(backbone: nn.Module) -> None:
+    """Initialise the FPN convs as mmdet's ``FPN`` (``init_cfg`` Xavier uniform, gain 1, zero
+    bias) instead of Detectron2's ``c2_xavier_fill`` (Kaiming uniform a=1, bound sqrt(3/fan_in)):
+    the same for the 3x3 outputs, 13-25 % smaller std on the laterals from 512-2048 channels
+    (checked by tests/parity). A backbone without ``lateral_convs`` is left alone."""
+    for module in backbone.modules():
+        if isinstance(module, FPN):
+            for conv in [*module.lateral_convs, *module.output_convs]:
+                nn.init.xavier_uniform_(conv.weight)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
 
 
 @META_ARCH_REGISTRY.register()
@@ -91,6 +104,7 @@ class QueryInst(nn.Module):
         q = cfg.MODEL.QUERYINST
         n_classes = num_classes(cfg)
         backbone = build_backbone(cfg)
+        _xavier_fpn_(backbone)
         roi_head = QueryRoIHead(cfg, backbone.output_shape())
         dim = roi_head.bbox_head[0].in_channels
         matcher = HungarianMatcher(

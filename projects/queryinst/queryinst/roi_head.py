@@ -26,6 +26,35 @@ from .dii_head import DIIHead
 from .mask_head import DynamicMaskHead
 
 
+def _as_boxes(x: Tensor) -> Boxes:
+    """``Boxes`` holding ``x`` itself: Detectron2's constructor casts to float32, which in a
+    float64 run would be the one float32 step (RoIs rounded; the parity suite runs float64)."""
+    boxes = Boxes(x.new_zeros((0, 4), dtype=torch.float32))
+    boxes.tensor = x
+    return boxes
+
+
+def _apply_deltas(transform: Box2BoxTransform, deltas: Tensor, boxes: Tensor) -> Tensor:
+    """``transform.apply_deltas`` (its weights and one-sided ``dw``/``dh`` clamp) computed in the
+    dtype of ``deltas``, not cast to float32 as Detectron2's is: float32 runs are unchanged,
+    float64 runs (the parity suite) stay float64.
+
+    Args:
+        deltas: [R, 4] (dx, dy, dw, dh); boxes: [R, 4] absolute xyxy. Returns [R, 4] xyxy.
+    """
+    if deltas.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return transform.apply_deltas(deltas, boxes)
+    boxes = boxes.to(deltas.dtype)
+    size = boxes[:, 2:] - boxes[:, :2]
+    center = boxes[:, :2] + 0.5 * size
+    wx, wy, ww, wh = transform.weights
+    dxy = deltas[:, :2] / deltas.new_tensor([wx, wy])
+    dwh = (deltas[:, 2:] / deltas.new_tensor([ww, wh])).clamp(max=transform.scale_clamp)
+    center = dxy * size + center
+    size = torch.exp(dwh) * size
+    return torch.cat([center - 0.5 * size, center + 0.5 * size], dim=1)
+
+
 class EmbeddingRPNHead(nn.Module):
     """Sparse R-CNN's learned proposal boxes and proposal features (one set shared by all images).
 
@@ -173,10 +202,10 @@ class QueryRoIHead(nn.Module):
             gradient to the deltas), ``object_features`` [B, N, C], ``attn_features`` [B, N, C].
         """
         b, n = boxes.shape[:2]
-        rois = self.box_pooler(features, [Boxes(x) for x in boxes])  # [B*N, C, 7, 7]
+        rois = self.box_pooler(features, [_as_boxes(x) for x in boxes])  # [B*N, C, 7, 7]
         out = self.bbox_head[stage](rois, proposal_features)
-        refined = self.box2box_transform.apply_deltas(
-            out["box_deltas"].reshape(b * n, 4), boxes.reshape(b * n, 4)
+        refined = _apply_deltas(
+            self.box2box_transform, out["box_deltas"].reshape(b * n, 4), boxes.reshape(b * n, 4)
         ).view(b, n, 4)
         return {
             "pred_logits": out["cls_logits"],
@@ -202,5 +231,5 @@ class QueryRoIHead(nn.Module):
         Returns:
             [sum P_b, K, 2r, 2r] class-specific mask logits (28x28 for r = 14).
         """
-        rois = self.mask_pooler(features, [Boxes(x) for x in boxes])
+        rois = self.mask_pooler(features, [_as_boxes(x) for x in boxes])
         return self.mask_head[stage](rois, attn_features)

@@ -45,6 +45,14 @@ def test_no_decay_keywords_and_frozen_params():
     assert "head.bias" not in groups
 
 
+def test_no_decay_keywords_win_over_the_norm_rule():
+    net = _Net()
+    cfg = _cfg(WEIGHT_DECAY_NORM=0.05, NO_DECAY_KEYWORDS=("backbone.1.weight",))
+    groups = {g["name"]: g for g in get_param_groups(cfg, net)}
+    assert groups["backbone.1.weight"]["weight_decay"] == 0.0  # GroupNorm picked by name
+    assert groups["backbone.1.bias"]["weight_decay"] == 0.05  # the norm rule otherwise
+
+
 def test_adamw_and_sgd_are_built():
     assert isinstance(build_optimizer(_cfg(), _Net()), torch.optim.AdamW)
     opt = build_optimizer(_cfg(OPTIMIZER="SGD"), _Net())

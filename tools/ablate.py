@@ -151,11 +151,15 @@ def ablation_from_args(config: str, variants: Sequence[str]) -> Ablation:
 
 
 def validate(ablation: Ablation, measurer: Measurer) -> None:
-    """Merge every variant's config now, so a bad key fails before hours of training."""
+    """Merge every variant's config now and check that each key it sets is used by the model
+    it builds (on the meta device, :meth:`common.engine.Trainer.dry_check_config`), so a bad
+    key or a switch that does nothing fails before hours of training."""
+    from common.engine import Trainer
+
     errors = []
     for e in ablation.entries():
         try:
-            measurer.build_cfg(e, measurer.output_dir)
+            Trainer.dry_check_config(measurer.build_cfg(e, measurer.output_dir))
         except (KeyError, ValueError, FileNotFoundError) as err:
             errors.append(f"  {e.name!r}: {err}")
     if errors:

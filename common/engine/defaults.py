@@ -14,6 +14,13 @@ def add_common_config(cfg: CN) -> None:
     if hasattr(cfg, "QUERYSEG_COMMON"):
         return
     cfg.QUERYSEG_COMMON = True  # marker: common keys present
+    # ---- no silent no-ops (common.engine.config_guard) -----------------------------------
+    cfg.QUERYSEG = CN()
+    # A key set in the config chain or on the command line that another project owns
+    # (MODEL.FASTINST.* in a K-Net run) or that nothing in the built model, data pipeline or
+    # trainer reads is an error before training/evaluation starts; True: only a warning
+    # (train_net.py --allow-unused-keys sets it).
+    cfg.QUERYSEG.ALLOW_UNUSED_KEYS = False
     add_model_config(cfg)  # backbone variants (ResNet-vd/D8, Swin) and the MSDeformAttn decoder
 
     # ---- the task and the class count, stated once (common.engine.finalize) ------------

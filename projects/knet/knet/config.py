@@ -104,6 +104,10 @@ def add_knet_config(cfg: CN) -> None:
     k.NECK_OUT_LEVEL = 1
     # Std of the normal init of the stage-0 kernels (init_kernels).
     k.KERNEL_INIT_STD = 1.0
+    # The paper's component ablation (its Table 2a): False drops the gates of the adaptive
+    # kernel update (new kernel = LN(F) + LN(K)) / the kernel interaction (self-attention).
+    k.ADAPTIVE_KERNEL_UPDATE = True
+    k.KERNEL_INTERACTION = True
     # Attention heads of the kernel interaction (multi-head self-attention over kernels).
     k.NUM_HEADS = 8
     # Hidden width of the FFN after kernel interaction.

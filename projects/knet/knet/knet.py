@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from common.modeling.criterion import SetCriterion
-from common.modeling.matcher import HungarianMatcher
+from common.modeling.matcher import COST_TERMS, HungarianMatcher, costs_from_config
 from common.modeling.meta_arch import normalize_and_pad, num_classes, padding_multiples
 
 from .kernel_head import ConvKernelHead
@@ -145,6 +145,8 @@ class KNet(nn.Module):
                 dropout=k.DROPOUT,
                 updator_channels=k.UPDATOR_DIM,
                 hard_mask_thr=k.HARD_MASK_THR,
+                adaptive_kernel_update=k.ADAPTIVE_KERNEL_UPDATE,
+                kernel_interaction=k.KERNEL_INTERACTION,
             )
             for _ in range(k.NUM_STAGES)
         ]
@@ -327,12 +329,22 @@ def build_knet_criteria(
     n = k.NUM_PROPOSALS
     t = num_classes if num_thing_classes is None else num_thing_classes
     focal = {"alpha": k.FOCAL_ALPHA, "gamma": k.FOCAL_GAMMA}
-    mask_costs = [("dice_sq", k.COST_DICE), ("mask_agreement", k.COST_MASK)]
+    if cfg.MODEL.MATCHER.COSTS:
+        costs = costs_from_config(
+            cfg, (), {"focal_class": focal}, ("pred_logits", "pred_masks"), "K-Net"
+        )
+    else:  # K-Net's own terms (mmdet FocalLossCost, DiceCost, MaskCost)
+        costs = [
+            ("focal_class", k.COST_CLASS, focal),
+            ("dice_sq", k.COST_DICE, {}),
+            ("mask_agreement", k.COST_MASK, {}),
+        ]
+    # the stage-0 matcher (and stage 1, matched on the stage-0 masks) has no class scores
+    mask_costs = [c for c in costs if "pred_logits" not in COST_TERMS[c[0]].required_keys]
 
     def matcher(with_class: bool, with_stuff: bool) -> KNetMatcher:
-        costs = [("focal_class", k.COST_CLASS, focal)] if with_class else []
         return KNetMatcher(
-            HungarianMatcher([*costs, *mask_costs]),
+            HungarianMatcher(costs if with_class else mask_costs),
             num_proposals=n,
             num_thing_classes=t,
             with_stuff=with_stuff,

@@ -114,6 +114,8 @@ class KNetSemantic(nn.Module):
                 updator_channels=k.UPDATOR_DIM,
                 hard_mask_thr=None,
                 with_cls=False,
+                adaptive_kernel_update=k.ADAPTIVE_KERNEL_UPDATE,
+                kernel_interaction=k.KERNEL_INTERACTION,
             )
             for _ in range(k.NUM_STAGES)
         ]

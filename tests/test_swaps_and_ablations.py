@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import pytest
@@ -265,3 +266,75 @@ def test_knet_matcher_uses_the_configured_costs():
     assert stage.terms[0][0].alpha == 0.25  # K-Net's focal parameters reach the term
     # stage 0 has no class scores: its matcher keeps the mask terms only
     assert [t.name for t, _ in model.rpn_criterion.matcher.matcher.terms] == ["point_bce"]
+
+
+KNET_MSDA = [
+    "MODEL.KNET.NECK", "QSMSDeformAttnPixelDecoder",
+    "MODEL.SEM_SEG_HEAD.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']",
+    "MODEL.SEM_SEG_HEAD.MASK_DIM", "128",
+]  # fmt: skip
+KNET_PPM = [
+    "MODEL.KNET.NECK", "PyramidPoolingModuleFPN",
+    "MODEL.KNET.IN_FEATURES", "['res3', 'res4', 'res5']",
+    "MODEL.SEM_SEG_HEAD.IN_FEATURES", "['res3', 'res4', 'res5']",
+    "MODEL.KNET.NECK_OUT_LEVEL", "0", "MODEL.KNET.POS_ENCODING_LEVEL", "2",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("neck", [KNET_MSDA, KNET_PPM], ids=["msdeformattn", "ppm-fpn"])
+def test_knet_neck_swaps_to_a_pixel_decoder(neck):
+    base, cfg = _build(KNET, ["MODEL.KNET.NECK", "FPN"])
+    assert list(base.state_dict()) == list(_build(KNET)[0].state_dict())  # "FPN" = default
+    model, _ = _build(KNET, neck)
+    assert type(model.neck).__name__ == "PixelDecoderNeck"
+    assert type(model.neck.decoder).__name__ == neck[1]
+    assert _params(model) != _params(base)
+    batch = _batch(cfg)
+    losses = _train_losses(model, batch)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert len(_eval_out(model, batch)) == 2
+
+
+def test_knet_neck_at_the_wrong_stride_is_an_error():
+    bad = [*KNET_PPM[:-4], "MODEL.KNET.NECK_OUT_LEVEL", "1", "MODEL.KNET.POS_ENCODING_LEVEL", "2"]
+    with pytest.raises(ValueError, match="NECK_OUT_LEVEL=1 has stride 16"):
+        _build(KNET, bad)
+    with pytest.raises(ValueError, match="MASK_DIM=256 must equal MODEL.KNET.HIDDEN_DIM=128"):
+        _build(KNET, KNET_MSDA[:4])
+
+
+# One swap per method, trained 3 iterations and evaluated by train_net.py (in-process).
+SWAP_RUNS = {
+    "knet-ppm-fpn-neck": (KNET, KNET_PPM),
+    "fastinst-knet-mask-costs": (
+        FASTINST,
+        [
+            "MODEL.MATCHER.COSTS",
+            "['softmax_class:2', 'dice_sq:4', 'mask_agreement:1', 'location:1000']",
+        ],  # noqa: E501
+    ),
+    "queryinst-giou-only-costs": (
+        QUERYINST,
+        ["MODEL.MATCHER.COSTS", "['focal_class:2', 'giou:5']"],
+    ),  # noqa: E501
+    "embedmask-scalar-margin": (EMBEDMASK, ["MODEL.EMBEDMASK.MARGIN_PER_DIM", "False"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SWAP_RUNS))
+def test_one_swap_per_method_trains_3_iterations_and_evaluates(name, shapes_tiny_env, tmp_path):
+    import train_net
+
+    path, opts = SWAP_RUNS[name]
+    args = [
+        "--config-file", os.path.join(REPO, path), *shapes_tiny_env.cfg_opts, *opts,
+        "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+        "SOLVER.CHECKPOINT_PERIOD", "100", "DATALOADER.NUM_WORKERS", "0",
+        "DATASETS.TEST", "('shapes_val',)", "OUTPUT_DIR", str(tmp_path),
+    ]  # fmt: skip
+    train_net.cli(args)
+    assert os.path.exists(tmp_path / "model_final.pth")
+    with open(tmp_path / "metrics.json") as f:
+        rows = [json.loads(line) for line in f]
+    assert max(r["iteration"] for r in rows if "total_loss" in r) == 2  # 3 iterations
+    assert any("segm/AP" in r for r in rows)  # and evaluated (any value after 3 iterations)

@@ -222,8 +222,8 @@ def _nodes(cfg: CfgNode, prefix: str = "") -> set[str]:
 
 def project_namespaces() -> dict[str, str]:
     """``{config node: project}`` for every config node an installed project's
-    ``add_<name>_config`` creates (``MODEL.KNET`` -> "knet"); only new nodes count, not keys a
-    project adds to a shared node."""
+    ``add_<name>_config`` creates (``MODEL.<NAME>`` -> its project); only new nodes count,
+    not keys a project adds to a shared node."""
     global _NAMESPACES
     if _NAMESPACES is None:
         from detectron2.config import get_cfg as _d2_get_cfg
@@ -289,9 +289,16 @@ _DEFAULTS: dict[str, Any] | None = None
 def _default_values() -> dict[str, Any]:
     """``{full key: default value}`` of every leaf of ``get_cfg()``."""
     global _DEFAULTS
-    if _DEFAULTS is None:
-        from common.engine.config import get_cfg
+    if _DEFAULTS is None:  # get_cfg()'s keys, built here (common.engine.config imports us)
+        from detectron2.config import get_cfg as _d2_get_cfg
 
+        from common.engine.defaults import add_common_config
+        from common.engine.projects import load_projects
+
+        cfg = _d2_get_cfg()
+        add_common_config(cfg)
+        for project in load_projects():
+            project.add_config(cfg)
         out: dict[str, Any] = {}
 
         def walk(node: CfgNode, prefix: str) -> None:
@@ -301,7 +308,7 @@ def _default_values() -> dict[str, Any]:
                 else:
                     out[prefix + k] = v
 
-        walk(get_cfg(), "")
+        walk(cfg, "")
         _DEFAULTS = out
     return _DEFAULTS
 

@@ -259,7 +259,20 @@ class Trainer(DefaultTrainer):
         QSCheckpointer.from_config(cfg, model)  # MODEL.WEIGHTS_STRICT / _TRUSTED
         _ = cfg.MODEL.WEIGHTS  # resume_or_load reads it
         optimizer = cls.build_optimizer(cfg, model)
-        cls.build_lr_scheduler(cfg, optimizer)
+        # the schedule's keys, also for a run that does not train (MAX_ITER 0 or below a step):
+        # built on a clone (it records into the same tracker) with room for every step
+        sched = cfg.clone()
+        sched.defrost()
+        sched.SOLVER.MAX_ITER = (
+            max(
+                int(cfg.SOLVER.MAX_ITER),
+                int(cfg.SOLVER.WARMUP_ITERS),
+                *map(int, cfg.SOLVER.STEPS),
+                0,
+            )
+            + 1
+        )
+        cls.build_lr_scheduler(sched, optimizer)
         build_mapper(cfg, is_train=True)
         build_mapper(cfg, is_train=False)
         tasks = tuple(cfg.TEST.EVAL_TASKS)

@@ -5,6 +5,10 @@ baseline, with Detectron2's usual command line:
     python train_net.py --config-file projects/knet/configs/<leaf>.yaml --num-gpus 8 [KEY VALUE ...]
     python train_net.py --config-file <yaml> --eval-only MODEL.WEIGHTS <checkpoint.pth>
 
+A config key that is set but not used by the built run (another method's key, or one nothing
+reads) stops the run before it starts (common/engine/config_guard.py); ``--allow-unused-keys``
+makes that a warning.
+
 Runs on the CPU when no GPU is present (``--num-gpus 2`` then starts 2 processes over gloo).
 """
 
@@ -86,18 +90,31 @@ def main(args):
         QSCheckpointer.from_config(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
+        # every key the config set must be used (the training keys count: same config file)
+        Trainer.check_config(cfg, model)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
 
     trainer = Trainer(cfg)
+    # before the first step, no key set in vain (with what evaluation at the end will read)
+    Trainer.check_config(cfg, trainer.model)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--allow-unused-keys",
+        action="store_true",
+        help="warn instead of failing when a config key is set that the built run does not use "
+        "(sets QUERYSEG.ALLOW_UNUSED_KEYS True)",
+    )
+    args = parser.parse_args(argv)
+    if args.allow_unused_keys:
+        args.opts = [*args.opts, "QUERYSEG.ALLOW_UNUSED_KEYS", "True"]
     if args.num_gpus > max(torch.cuda.device_count(), 1) and torch.cuda.is_available():
         raise SystemExit(
             f"--num-gpus {args.num_gpus} but only {torch.cuda.device_count()} GPUs are visible"

@@ -33,11 +33,12 @@ def setup_cfg(
     their output scores when drawing. Registers the `shapes` dataset names (metadata only).
     """
     from common.data.shapes import configure_shapes_from_cfg
-    from common.engine import get_cfg, merge_config, setup_queryseg
+    from common.engine import Trainer, get_cfg, merge_config, setup_queryseg
 
     setup_queryseg()
     cfg = get_cfg()
     merge_config(cfg, config_file, list(opts))
+    Trainer.dry_check_config(cfg)  # every key given must be used by the model (no silent no-op)
     if weights:
         cfg.MODEL.WEIGHTS = weights
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = confidence_threshold

@@ -5,11 +5,14 @@ the benchmark's columns (params, GFLOPs, latency, peak memory, train s/iter, AP/
 Definitions live in ``tools/ablations/<name>.yaml``::
 
     title: "K-Net: number of kernel update stages (paper Table 3a)"
+    paper: "K-Net (NeurIPS 2021), ablation of S; COCO mask AP"   # the paper table it mirrors
     base: projects/knet/configs/shapes/knet_R18_shapes_instance.yaml
     overrides: []                      # optional, applied to every variant
     variants:                          # row label -> KEY VALUE list (in this order)
       1 stage: [MODEL.KNET.NUM_STAGES, 1]
       3 stages: [MODEL.KNET.NUM_STAGES, 3]
+    reference:                         # optional: the paper's number for a row (a "Paper" column)
+      3 stages: 34.7
 
 Usage::
 
@@ -69,6 +72,8 @@ class Ablation:
     variants: dict[str, tuple[str, ...]]  # row label -> KEY VALUE overrides
     overrides: tuple[str, ...] = ()
     note: str = ""
+    paper: str = ""  # the paper table this definition mirrors
+    reference: dict[str, str] | None = None  # row label -> the paper's number for that row
 
     def entries(self, only: Sequence[str] | None = None) -> list[Entry]:
         """One benchmark :class:`Entry` per variant (all on one plot line)."""
@@ -128,6 +133,38 @@ def load_ablation(path_or_name: str) -> Ablation:
         variants={str(k): _pairs(v, f"{path}: variant {k!r}") for k, v in raw["variants"].items()},
         overrides=_pairs(raw.get("overrides"), f"{path}: overrides"),
         note=str(raw.get("note", "")),
+        paper=str(raw.get("paper", "")),
+        reference=_reference(raw.get("reference"), raw["variants"], path),
+    )
+
+
+def _reference(value: Any, variants: dict, path: str) -> dict[str, str]:
+    """The ``reference`` mapping (row label -> paper number), every label a variant's."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: 'reference' must map variant labels to the paper's numbers")
+    unknown = [str(k) for k in value if str(k) not in {str(v) for v in variants}]
+    if unknown:
+        raise ValueError(f"{path}: 'reference' names no variant: {unknown}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def config_state(ablation: Ablation) -> str:
+    """Whether the definition's configs exist: "ready" (base present) or "MISSING <path>"."""
+    return "ready" if os.path.isfile(ablation.base_path) else f"MISSING {ablation.base}"
+
+
+def describe(ablation: Ablation) -> str:
+    """``--list``'s entry for a definition: name, state, variants, title and paper table."""
+    ref = ablation.reference or {}
+    rows = ", ".join(f"{v} [{ref[v]}]" if v in ref else v for v in ablation.variants)
+    return (
+        f"{ablation.name}  ({config_state(ablation)})\n"
+        f"    {ablation.title}\n"
+        f"    paper: {ablation.paper or '(no paper table)'}\n"
+        f"    base: {ablation.base}\n"
+        f"    {len(ablation.variants)} variants: {rows}"
     )
 
 
@@ -151,11 +188,15 @@ def ablation_from_args(config: str, variants: Sequence[str]) -> Ablation:
 
 
 def validate(ablation: Ablation, measurer: Measurer) -> None:
-    """Merge every variant's config now, so a bad key fails before hours of training."""
+    """Merge every variant's config now and check that each key it sets is used by the model
+    it builds (on the meta device, :meth:`common.engine.Trainer.dry_check_config`), so a bad
+    key or a switch that does nothing fails before hours of training."""
+    from common.engine import Trainer
+
     errors = []
     for e in ablation.entries():
         try:
-            measurer.build_cfg(e, measurer.output_dir)
+            Trainer.dry_check_config(measurer.build_cfg(e, measurer.output_dir))
         except (KeyError, ValueError, FileNotFoundError) as err:
             errors.append(f"  {e.name!r}: {err}")
     if errors:
@@ -183,6 +224,9 @@ def run_ablation(
         for n, ov in ablation.variants.items()
         if not only or n in only
     ]
+    ref = ablation.reference or {}
+    if ablation.paper:
+        notes.append(f"Paper (ref.): {ablation.paper} (the paper's own setting, not `shapes`)")
     rows, _ = run_entries(
         ablation.entries(only),
         settings,
@@ -191,6 +235,7 @@ def run_ablation(
         progress=progress,
         notes=notes,
         stem="ablation",
+        on_row=lambda row: row.__setitem__("paper", ref.get(row["name"], "")) if ref else None,
     )
     return rows
 
@@ -226,9 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     if args.list:
         for name in list_ablations():
-            a = load_ablation(name)
-            state = "ready  " if os.path.isfile(a.base_path) else "MISSING"
-            print(f"{state} {name:28s} {len(a.variants)} variants  {a.title}")
+            print(describe(load_ablation(name)))
         return 0
     if args.config:
         ablation = ablation_from_args(args.config, args.variant)

@@ -162,7 +162,10 @@ class Measurer:
         ):
             if value is not None:
                 forced += [f"DATASETS.SHAPES.{key}", value]
-        merge_config(cfg, None, [str(x) for x in forced] + list(s.opts))
+        # the run-wide settings are the tool's, not the user's: the unused-key check skips them
+        merge_config(
+            cfg, None, [str(x) for x in forced] + list(s.opts), tool_keys=map(str, forced[0::2])
+        )
         return cfg
 
     def cost(self, entry: Any) -> tuple[float, float]:
@@ -285,6 +288,7 @@ class Measurer:
 
         seed_all_rng(self.settings.seed)
         s_iter = None
+        Trainer.dry_check_config(cfg)  # a key the row sets must change the row
         if checkpoint is not None:
             from common.engine.checkpoint import QSCheckpointer
 

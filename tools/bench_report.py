@@ -74,8 +74,10 @@ def ties(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
 def render_markdown(
     rows: Sequence[dict], header: dict[str, str], *, title: str, notes: Sequence[str] = ()
 ) -> str:
-    """The Markdown table with its settings header and footnotes."""
+    """The Markdown table with its settings header and footnotes; rows with a ``paper`` value
+    (an ablation's reference numbers from the paper) add a last column "Paper"."""
     h = header
+    columns = COLUMNS + ((("paper", "Paper (ref.)"),) if any(r.get("paper") for r in rows) else ())
     lines = [
         f"## {title}",
         "",
@@ -90,11 +92,11 @@ def render_markdown(
         f"**Train s/iter** {h['train_s_iter']} · **AP** mask AP (COCO) · **box AP** COCO · "
         "**PQ** COCO panoptic, **PQ things** its thing classes · **mIoU** semantic",
         "",
-        "| " + " | ".join(name for _, name in COLUMNS) + " |",
-        "|" + "|".join(":---" if k in ("name", "task") else "---:" for k, _ in COLUMNS) + "|",
+        "| " + " | ".join(name for _, name in columns) + " |",
+        "|" + "|".join(":---" if k in ("name", "task") else "---:" for k, _ in columns) + "|",
     ]
     for r in rows:
-        cells = [cell(r, k) for k, _ in COLUMNS]
+        cells = [cell(r, k) if k != "paper" else str(r.get(k) or "–") for k, _ in columns]
         tied = [b if a == r["name"] else a for _, a, b in ties(rows) if r["name"] in (a, b)]
         cells[0] += " ≈" if tied else ""
         if r.get("error"):

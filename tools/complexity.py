@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from detectron2.modeling import build_model  # noqa: E402
 
-from common.engine import get_cfg, merge_config, setup_queryseg  # noqa: E402
+from common.engine import Trainer, get_cfg, merge_config, setup_queryseg  # noqa: E402
 
 if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
     from .bench_measure import FLOP_COUNTER_FALLBACK, count_gflops, count_parameters
@@ -59,6 +59,7 @@ def measure(config: str, size: tuple[int, int] | None, flops: bool, opts: list[s
     setup_queryseg()
     cfg = get_cfg()
     merge_config(cfg, config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
+    Trainer.dry_check_config(cfg)  # a key that changes nothing is an error, not a wrong count
     model = build_model(cfg).eval()
     h, w = size or test_size(cfg)
     row = {"config": os.path.relpath(config, REPO), "params": count_parameters(model) / 1e6,

@@ -18,7 +18,7 @@ import logging
 import torch
 from detectron2.modeling import build_model
 
-from common.engine import get_cfg, merge_config, setup_queryseg
+from common.engine import Trainer, get_cfg, merge_config, setup_queryseg
 
 
 def count(module: torch.nn.Module) -> float:
@@ -39,6 +39,7 @@ def main() -> None:
     setup_queryseg()
     cfg = get_cfg()
     merge_config(cfg, args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *args.opts])
+    Trainer.dry_check_config(cfg)  # a key that changes nothing is an error, not a wrong count
     model = build_model(cfg).eval()
     roi = model.roi_head
     print(f"config: {args.config_file}")

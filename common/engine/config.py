@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ import yaml
 from detectron2.config import CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
 
+from common.engine.config_guard import track_reads
 from common.engine.defaults import add_common_config
 from common.engine.finalize import explicit_keys, finalize_config
 from common.engine.projects import load_projects
@@ -125,16 +127,24 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 
 
 def merge_config(
-    cfg: CfgNode, config_file: str | None, opts: list[str] | None, finalize: bool = True
+    cfg: CfgNode,
+    config_file: str | None,
+    opts: list[str] | None,
+    finalize: bool = True,
+    tool_keys: Iterable[str] = (),
 ) -> CfgNode:
     """Merge ``config_file`` (with its ``_BASE_`` chain) then ``opts`` into ``cfg``, with errors
     that name the file and the bad key, then (``finalize``) resolve the derived keys
     (``MODEL.TASK``, ``MODEL.NUM_CLASSES`` and what follows from them:
     :func:`common.engine.finalize.finalize_config`); the keys the file chain or ``opts`` set
-    count as explicit."""
+    count as explicit. The returned config records the keys read from it
+    (:func:`common.engine.config_guard.track_reads`) for
+    :func:`common.engine.config_guard.check_config_use`; ``tool_keys`` are overrides a tool
+    forces on every config (e.g. the benchmark's settings), not the user's: that check ignores
+    them."""
     loaded: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if config_file:
-        origins: dict[str, str] = {}
         loaded = load_yaml_with_bases(config_file, origins)
         version = loaded.get("VERSION", cfg.VERSION)
         if version != cfg.VERSION:
@@ -156,8 +166,13 @@ def merge_config(
             raise _explain_key_error(cfg, e, "command-line override") from None
         except ValueError as e:
             raise ValueError(f"command-line override: {e}") from None
+    explicit = explicit_keys(loaded, opts or ())
+    origins.update(dict.fromkeys((str(k) for k in (opts or ())[0::2]), "the command line"))
+    # from here on, what reads the config is recorded (common.engine.config_guard)
+    skip = set(tool_keys)
+    track_reads(cfg, explicit - skip, origins, leaf=config_file)
     if finalize:
-        finalize_config(cfg, explicit_keys(loaded, opts or ()))
+        finalize_config(cfg, explicit)
     if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
         logger.warning("SOLVER.AMP.ENABLED is set but CUDA is absent: training in fp32 on the CPU")
         cfg.SOLVER.AMP.ENABLED = False

@@ -14,6 +14,13 @@ def add_common_config(cfg: CN) -> None:
     if hasattr(cfg, "QUERYSEG_COMMON"):
         return
     cfg.QUERYSEG_COMMON = True  # marker: common keys present
+    # ---- no silent no-ops (common.engine.config_guard) -----------------------------------
+    cfg.QUERYSEG = CN()
+    # A key set in the config chain or on the command line that another project owns
+    # (MODEL.FASTINST.* in a K-Net run) or that nothing in the built model, data pipeline or
+    # trainer reads is an error before training/evaluation starts; True: only a warning
+    # (train_net.py --allow-unused-keys sets it).
+    cfg.QUERYSEG.ALLOW_UNUSED_KEYS = False
     add_model_config(cfg)  # backbone variants (ResNet-vd/D8, Swin) and the MSDeformAttn decoder
 
     # ---- the task and the class count, stated once (common.engine.finalize) ------------
@@ -37,6 +44,16 @@ def add_common_config(cfg: CN) -> None:
     cfg.MODEL.WEIGHTS_STRICT = True
     # Load checkpoints with full pickle instead of weights_only (only for files you trust).
     cfg.MODEL.WEIGHTS_TRUSTED = False
+
+    # ---- the shared Hungarian matcher (common.modeling.matcher.costs_from_config) --------
+    cfg.MODEL.MATCHER = CN()
+    # The cost terms of every method that matches with it (K-Net, FastInst, QueryInst), as
+    # registered names with weights: "name:weight" or "name:weight:arg=value,..." (names in
+    # common.modeling.costs.COST_TERMS, e.g. "focal_class:2", "dice_sq:4",
+    # "mask_agreement:1", "point_bce:5", "point_dice:5", "softmax_class:2", "box_l1:5",
+    # "giou:2", "location:1000"). Empty: the method's own terms, weighted by its
+    # MODEL.<METHOD>.COST_* / *_WEIGHT keys (when set, those keys are not read).
+    cfg.MODEL.MATCHER.COSTS = []
 
     # ---- data pipeline -------------------------------------------------------------------
     # Name of the training dataset mapper in common.data.MAPPER_REGISTRY:

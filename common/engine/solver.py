@@ -55,11 +55,11 @@ def get_param_groups(cfg: CfgNode, model: torch.nn.Module) -> list[dict[str, Any
     return groups
 
 
-def _full_model_clipping(optim_cls: type, clip_norm: float) -> type:
+def _full_model_clipping(optim_cls: type, clip_norm: float, norm_type: float = 2.0) -> type:
     class FullModelGradientClipping(optim_cls):
         def step(self, closure=None):
             params = itertools.chain(*[g["params"] for g in self.param_groups])
-            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            torch.nn.utils.clip_grad_norm_(params, clip_norm, norm_type=norm_type)
             return super().step(closure=closure)
 
     return FullModelGradientClipping
@@ -86,7 +86,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
         raise ValueError(f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r}: expected 'ADAMW' or 'SGD'")
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE == "full_model":
-        cls = _full_model_clipping(cls, clip.CLIP_VALUE)
+        cls = _full_model_clipping(cls, clip.CLIP_VALUE, clip.NORM_TYPE)
     elif clip.ENABLED:
         cls = maybe_add_gradient_clipping(cfg, cls)
     return cls(groups, lr=cfg.SOLVER.BASE_LR, **kwargs)

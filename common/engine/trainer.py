@@ -39,6 +39,34 @@ from common.modeling.sem_seg_tta import maybe_wrap_sem_seg_tta
 
 logger = logging.getLogger(__name__)
 
+# Detectron2's keys that its train loader, hooks and writers read during DefaultTrainer's
+# construction and training (read here for runs that build no trainer: --eval-only, the guard's
+# tests); the model, mapper, optimizer and scheduler keys are read by building those.
+_TRAINER_KEYS = (
+    "SEED",
+    "OUTPUT_DIR",
+    "VIS_PERIOD",
+    "CUDNN_BENCHMARK",
+    "SOLVER.IMS_PER_BATCH",
+    "SOLVER.MAX_ITER",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "SOLVER.REFERENCE_WORLD_SIZE",
+    "SOLVER.AMP.ENABLED",
+    "TEST.EVAL_PERIOD",
+    "TEST.PRECISE_BN.ENABLED",
+    "TEST.PRECISE_BN.NUM_ITER",
+    "DATALOADER.NUM_WORKERS",
+    "DATALOADER.ASPECT_RATIO_GROUPING",
+    "DATALOADER.SAMPLER_TRAIN",
+    "DATALOADER.REPEAT_THRESHOLD",
+    "DATALOADER.REPEAT_SQRT",
+    "DATALOADER.FILTER_EMPTY_ANNOTATIONS",
+    "DATASETS.TRAIN",
+    "DATASETS.TEST",
+    "MODEL.LOAD_PROPOSALS",
+    "MODEL.KEYPOINT_ON",
+)
+
 
 _WARNED_WORKERS: set[tuple[int, int]] = set()
 # the training dicts Trainer.__init__ loaded and checked, for build_train_loader to reuse
@@ -220,6 +248,67 @@ class Trainer(DefaultTrainer):
             return super().test(cfg, maybe_wrap_sem_seg_tta(cfg, model), evaluators)
         finally:
             set_rng_state(states)
+
+    @classmethod
+    def read_run_config(cls, cfg: CfgNode, model: torch.nn.Module) -> None:
+        """Read, without touching any dataset, every key a run reads besides the model's: the
+        optimizer and LR schedule (built on ``model``), the training and test mappers, the
+        evaluators' ``TEST.EVAL_TASKS`` and Detectron2's trainer, loader and hook keys, so that
+        :func:`common.engine.config_guard.check_config_use` can judge a config before
+        evaluation (``--eval-only``) or before training starts."""
+        from common.data.evaluation import EVAL_TASKS
+
+        QSCheckpointer.from_config(cfg, model)  # MODEL.WEIGHTS_STRICT / _TRUSTED
+        _ = cfg.MODEL.WEIGHTS  # resume_or_load reads it
+        optimizer = cls.build_optimizer(cfg, model)
+        # the schedule's keys, also for a run that does not train (MAX_ITER 0 or below a step):
+        # built on a clone (it records into the same tracker) with room for every step
+        sched = cfg.clone()
+        sched.defrost()
+        sched.SOLVER.MAX_ITER = (
+            max(
+                int(cfg.SOLVER.MAX_ITER),
+                int(cfg.SOLVER.WARMUP_ITERS),
+                *map(int, cfg.SOLVER.STEPS),
+                0,
+            )
+            + 1
+        )
+        cls.build_lr_scheduler(sched, optimizer)
+        build_mapper(cfg, is_train=True)
+        build_mapper(cfg, is_train=False)
+        tasks = tuple(cfg.TEST.EVAL_TASKS)
+        assert all(t in EVAL_TASKS for t in tasks), tasks
+        for key in _TRAINER_KEYS:
+            node = cfg
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    break
+                node = node[part]
+
+    @classmethod
+    def check_config(cls, cfg: CfgNode, model: torch.nn.Module) -> list[tuple[str, str]]:
+        """:meth:`read_run_config` then :func:`common.engine.config_guard.check_config_use`:
+        raise naming every key the config sets that this run does not use."""
+        from common.engine.config_guard import check_config_use
+
+        cls.read_run_config(cfg, model)
+        return check_config_use(cfg)
+
+    @classmethod
+    def dry_check_config(cls, cfg: CfgNode) -> list[tuple[str, str]]:
+        """:meth:`check_config` without data or weights: the model is built on the ``meta``
+        device (no memory, no time), after the ``shapes`` datasets are registered with the
+        config's sizes as ``train_net.py`` does. For tools that vet configs before a long run."""
+        from detectron2.modeling import META_ARCH_REGISTRY
+
+        from common.data.shapes import configure_shapes_from_cfg
+
+        configure_shapes_from_cfg(cfg, generate=False)
+        with torch.device("meta"):
+            model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+        _ = cfg.MODEL.DEVICE  # build_model reads it
+        return cls.check_config(cfg, model)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):

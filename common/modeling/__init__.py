@@ -4,7 +4,8 @@
 - ``criterion`` + ``loss_terms`` + ``losses``: the set criterion, its registry of loss terms and
   the loss functions; ``point_sampling``, ``position_encoding``: helpers;
 - ``backbones``: ResNet-vd / Swin (``BACKBONE_REGISTRY``); ``pixel_decoder``: the MSDeformAttn
-  pixel decoder (``SEM_SEG_HEADS_REGISTRY``);
+  pixel decoder (``SEM_SEG_HEADS_REGISTRY``); ``neck``: any such pixel decoder as a method's
+  feature neck (``PixelDecoderNeck``, used by ``MODEL.KNET.NECK``);
 - ``meta_arch``: what every meta-architecture shares (normalise + pad, class-count check).
 
 Importing this package registers the backbones and the pixel decoder.

@@ -19,6 +19,7 @@ from common.modeling.costs import COST_TERMS, CostTerm, build_cost_term, registe
 
 __all__ = [
     "HungarianMatcher",
+    "costs_from_config",
     "slice_image_outputs",
     "COST_TERMS",
     "CostTerm",
@@ -55,6 +56,68 @@ def slice_image_outputs(outputs: Mapping[str, Any], index: int, batch_size: int)
         else:
             out[key] = value
     return out
+
+
+def _parse_cost(entry: Any, key: str) -> tuple[str, float, dict[str, Any]]:
+    """``"name:weight"`` or ``"name:weight:arg=value,arg=value"`` -> (name, weight, kwargs)."""
+    parts = str(entry).split(":")
+    if len(parts) not in (2, 3) or not parts[0]:
+        raise ValueError(
+            f"{key}: entry {entry!r} is not 'name:weight' or 'name:weight:arg=value,...'"
+        )
+    name = parts[0].strip()
+    if name not in COST_TERMS:
+        raise ValueError(f"{key}: unknown cost term {name!r}; registered: {sorted(COST_TERMS)}")
+    try:
+        weight = float(parts[1])
+    except ValueError:
+        raise ValueError(f"{key}: entry {entry!r} has a non-numeric weight {parts[1]!r}") from None
+    kwargs: dict[str, Any] = {}
+    if len(parts) == 3 and parts[2].strip():
+        import yaml
+
+        for item in parts[2].split(","):
+            arg, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"{key}: entry {entry!r}: expected arg=value, got {item!r}")
+            kwargs[arg.strip()] = yaml.safe_load(value)
+    return name, weight, kwargs
+
+
+def costs_from_config(
+    cfg: Any,
+    default: Sequence[tuple[str, float]],
+    term_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    provides: Sequence[str] | None = None,
+    method: str = "this method",
+) -> list[tuple[str, float, dict[str, Any]]]:
+    """The matcher's cost terms of a method: ``MODEL.MATCHER.COSTS`` when set, else ``default``.
+
+    ``MODEL.MATCHER.COSTS`` lists registered cost names with weights (``"dice_sq:4"``,
+    ``"point_bce:5:num_points=12544"``). ``term_kwargs[name]`` are the method's own arguments
+    of a term (K-Net's focal alpha/gamma, FastInst's point count); arguments in an entry win.
+    Every method that matches with :class:`HungarianMatcher` builds its costs here, so any
+    registered term can move between methods; ``provides`` lists the prediction keys the
+    method's matcher sees, and a term needing another (``location`` on K-Net, a mask term on
+    QueryInst's box matcher) is a ``ValueError`` naming it, ``method`` and the missing keys.
+
+    Returns:
+        ``[(name, weight, kwargs)]`` for :class:`HungarianMatcher`.
+    """
+    term_kwargs = term_kwargs or {}
+    given = list(cfg.MODEL.MATCHER.COSTS)
+    if given:
+        parsed = [_parse_cost(e, "MODEL.MATCHER.COSTS") for e in given]
+        for name, _, _ in parsed:
+            missing = [k for k in COST_TERMS[name].required_keys if k not in (provides or ())]
+            if provides is not None and missing:
+                raise ValueError(
+                    f"MODEL.MATCHER.COSTS: cost term {name!r} needs {missing}, which {method}'s "
+                    f"matcher does not get (it gets {list(provides)})"
+                )
+    else:
+        parsed = [(n, float(w), {}) for n, w in default]
+    return [(n, w, {**term_kwargs.get(n, {}), **kw}) for n, w, kw in parsed]
 
 
 class HungarianMatcher(nn.Module):

@@ -227,6 +227,9 @@ class QSMSDeformAttnPixelDecoder(nn.Module):
         weight_init.c2_xavier_fill(self.mask_features)
         self.common_stride = common_stride
         finest_enc_stride = enc_shapes[0][1].stride
+        # (stride of mask_features, strides of multi_scale_features coarse -> fine): read by
+        # common.modeling.neck.PixelDecoderNeck, which serves this decoder as a method's neck
+        self.output_strides = (common_stride, [v.stride for _, v in reversed(enc_shapes)])
         self.num_fpn_levels = max(0, int(math.log2(finest_enc_stride) - math.log2(common_stride)))
         fpn_shapes = [(k, v) for k, v in shapes if v.stride < finest_enc_stride]
         fpn_shapes = fpn_shapes[len(fpn_shapes) - self.num_fpn_levels :]

@@ -3,6 +3,7 @@ the runner produces one row per override set (tiny `shapes` split, Mask R-CNN ba
 
 from __future__ import annotations
 
+import collections
 import csv
 import os
 
@@ -115,3 +116,35 @@ def test_runner_gives_one_row_per_override_set(shapes_tiny_env, tmp_path):
     assert "## Mask head depth" in md and "| 1 conv |" in md
     assert "`MODEL.ROI_MASK_HEAD.NUM_CONV 1`" in md
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_list_shows_every_definition_its_paper_table_and_config_state(capsys, tmp_path):
+    assert ablate.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ablate.list_ablations():
+        a = ablate.load_ablation(name)
+        assert f"{name}  (ready)" in out  # every shipped base config exists
+        assert a.paper, f"{name} names no paper table"
+        assert f"paper: {a.paper}" in out
+    assert "neither [18.2]" in out  # a reference number from the paper, next to its row
+    # a definition whose base is absent is listed as such
+    (tmp_path / "gone.yaml").write_text(
+        "title: t\npaper: P Table 1\nbase: no/such.yaml\nvariants:\n  a: []\n  b: []\n"
+        "reference:\n  a: 1.0\n"
+    )
+    text = ablate.describe(ablate.load_ablation(str(tmp_path / "gone.yaml")))
+    assert "MISSING no/such.yaml" in text and "paper: P Table 1" in text and "a [1.0]" in text
+
+
+def test_reference_must_name_variants(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("title: t\nbase: b.yaml\nvariants:\n  a: []\nreference:\n  z: 1\n")
+    with pytest.raises(ValueError, match="names no variant"):
+        ablate.load_ablation(str(path))
+
+
+def test_the_paper_column_reaches_the_table():
+    row = {"name": "neither", "task": "instance", "paper": "18.2", "config": "a.yaml"}
+    header = collections.defaultdict(lambda: "x")  # every header field
+    text = bench_report.render_markdown([row], header, title="t")
+    assert "| Paper (ref.) |" in text and "| 18.2 |" in text

@@ -28,6 +28,9 @@ SEMANTIC_OPTS = [
     "9",
     "DATASETS.TEST",
     "('shapes_sem_seg_val',)",
+    # the Panoptic FPN config's instance keys (and FAST's) do nothing in a semantic model
+    "QUERYSEG.ALLOW_UNUSED_KEYS",
+    "True",
 ]
 FAST = [
     "INPUT.MIN_SIZE_TEST",

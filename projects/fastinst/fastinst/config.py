@@ -61,6 +61,13 @@ def add_fastinst_config(cfg: CN) -> None:
     f.POS_EMBED_GRID = 0  # learnable PE grid side; 0 = round(sqrt(NUM_OBJECT_QUERIES)), official
     f.GT_MASK_GUIDED = True  # GT-mask-guided learning: re-run each layer with matched GT masks
     f.DEEP_SUPERVISION = True  # losses on every layer's and the GT-guided passes' predictions
+    # The paper's ablations: query type "ia_guided" (instance-activation-guided, the paper's)
+    # | "learned" (N_a static learnable queries: no proposal head, no location cost/proposal
+    # loss); the +1 priority of local maxima in IA query selection; the dual-path decoder
+    # (False: single path, the pixel features are not updated by the decoder layers).
+    f.QUERY_TYPE = "ia_guided"
+    f.LOCAL_MAXIMUM = True
+    f.DUAL_PATH = True
     # ---- matcher and loss ----------------------------------------------------------------
     f.CLASS_WEIGHT = 2.0  # softmax class cost and cross-entropy loss weight
     f.MASK_WEIGHT = 5.0  # point-sampled mask BCE cost / loss weight

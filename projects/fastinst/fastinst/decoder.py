@@ -57,6 +57,9 @@ class FastInstDecoder(nn.Module):
         pos_embed_grid: int = 0,
         gt_mask_guided: bool = True,
         deep_supervision: bool = True,
+        query_type: str = "ia_guided",
+        local_maximum: bool = True,
+        dual_path: bool = True,
     ):
         """
         Args:
@@ -70,10 +73,20 @@ class FastInstDecoder(nn.Module):
             pos_embed_grid: g for the learnable table; 0 = round(sqrt(num_queries)) (official).
             gt_mask_guided: run the GT-mask-guided passes in training.
             deep_supervision: return ``aux_outputs`` (every layer and the guided passes).
+            query_type: "ia_guided" (the paper's instance-activation-guided queries) or
+                "learned" (its ablation: N_a static learnable queries, content and position,
+                as DETR/Mask2Former; no proposal head, no locations).
+            local_maximum: the +1 priority of local maxima in IA query selection.
+            dual_path: update the pixel features in every layer (the paper's dual-path
+                decoder); False: the single-path ablation, only the queries are updated.
         """
         super().__init__()
         if pos_embed not in ("learnable", "sine"):
             raise ValueError(f"pos_embed must be 'learnable' or 'sine', got {pos_embed!r}")
+        if query_type not in ("ia_guided", "learned"):
+            raise ValueError(f"query_type must be 'ia_guided' or 'learned', got {query_type!r}")
+        self.query_type = query_type
+        self.dual_path = dual_path
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.num_heads = nheads
@@ -95,7 +108,13 @@ class FastInstDecoder(nn.Module):
         if num_aux_queries > 0:
             self.empty_query_features = nn.Embedding(num_aux_queries, hidden_dim)
             self.empty_query_pos_embed = nn.Embedding(num_aux_queries, hidden_dim)
-        self.query_proposal = QueryProposal(hidden_dim, num_queries, num_classes)
+        if query_type == "ia_guided":
+            self.query_proposal = QueryProposal(
+                hidden_dim, num_queries, num_classes, local_maximum=local_maximum
+            )
+        else:
+            self.query_features = nn.Embedding(num_queries, hidden_dim)
+            self.query_pos_embed = nn.Embedding(num_queries, hidden_dim)
 
         def stack(make: Callable[[], nn.Module], n: int) -> nn.ModuleList:
             return nn.ModuleList(make() for _ in range(n))
@@ -107,9 +126,10 @@ class FastInstDecoder(nn.Module):
             return FFNLayer(hidden_dim, dim_feedforward, dropout=dropout, normalize_before=pre_norm)
 
         L = dec_layers
-        # pixel-feature path: pixels attend to queries
-        self.transformer_mask_cross_attention_layers = stack(attn_block(CrossAttentionLayer), L)
-        self.transformer_mask_ffn_layers = stack(ffn_block, L)
+        # pixel-feature path: pixels attend to queries (not built in the single-path ablation)
+        if dual_path:
+            self.transformer_mask_cross_attention_layers = stack(attn_block(CrossAttentionLayer), L)
+            self.transformer_mask_ffn_layers = stack(ffn_block, L)
         # query path: masked cross-attention, self-attention, FFN
         self.transformer_query_cross_attention_layers = stack(attn_block(CrossAttentionLayer), L)
         self.transformer_query_self_attention_layers = stack(attn_block(SelfAttentionLayer), L)
@@ -140,6 +160,9 @@ class FastInstDecoder(nn.Module):
             "pos_embed_grid": f.POS_EMBED_GRID,
             "gt_mask_guided": f.GT_MASK_GUIDED,
             "deep_supervision": f.DEEP_SUPERVISION,
+            "query_type": f.QUERY_TYPE,
+            "local_maximum": f.LOCAL_MAXIMUM,
+            "dual_path": f.DUAL_PATH,
         }
 
     # ---- positional embedding ------------------------------------------------------------
@@ -177,11 +200,17 @@ class FastInstDecoder(nn.Module):
         b = pixel_features.shape[0]
         pixel_size = pixel_features.shape[-2:]
         pixel_pos = self.position_embedding(pixel_size, pixel_features).flatten(2).transpose(1, 2)
-        proposal_pos = self.position_embedding(proposal_features.shape[-2:], proposal_features)
-        proposals = self.query_proposal(proposal_features, proposal_pos)
-        num_queries = proposals.features.shape[1]
+        located: dict[str, Tensor] = {}  # the IA queries' locations (no learned-query ablation)
+        if self.query_type == "ia_guided":
+            proposal_pos = self.position_embedding(proposal_features.shape[-2:], proposal_features)
+            proposals = self.query_proposal(proposal_features, proposal_pos)
+            queries, query_pos = proposals.features, proposals.pos
+            located["pred_locations"] = proposals.locations
+        else:
+            queries = self.query_features.weight[None].expand(b, -1, -1)
+            query_pos = self.query_pos_embed.weight[None].expand(b, -1, -1)
+        num_queries = queries.shape[1]
 
-        queries, query_pos = proposals.features, proposals.pos
         if self.num_aux_queries > 0:
             aux = self.empty_query_features.weight[None].expand(b, -1, -1)
             aux_pos = self.empty_query_pos_embed.weight[None].expand(b, -1, -1)
@@ -204,18 +233,16 @@ class FastInstDecoder(nn.Module):
         out: dict[str, Any] = {
             "pred_logits": predictions[-1][0],
             "pred_masks": predictions[-1][1],
-            "pred_locations": proposals.locations,
-            "proposal_cls_logits": proposals.cls_logits,
+            **located,
         }
+        if self.query_type == "ia_guided":
+            out["proposal_cls_logits"] = proposals.cls_logits
         if not (self.training and self.deep_supervision):
             return out
-        aux = [
-            {"pred_logits": lg, "pred_masks": mk, "pred_locations": proposals.locations}
-            for lg, mk in predictions[:-1]
-        ]
+        aux = [{"pred_logits": lg, "pred_masks": mk, **located} for lg, mk in predictions[:-1]]
         if guided:
             matching = matcher(
-                {k: out[k] for k in ("pred_logits", "pred_masks", "pred_locations")}, targets
+                {k: out[k] for k in ("pred_logits", "pred_masks", *located)}, targets
             )
             gt_mask = self._gt_attention_mask(matching, targets, pixel_size, num_queries)
             guided_outputs = []
@@ -226,7 +253,7 @@ class FastInstDecoder(nn.Module):
                     {
                         "pred_logits": lg,
                         "pred_masks": mk,
-                        "pred_locations": proposals.locations,
+                        **located,
                         "pred_matching_indices": matching,
                     }
                 )
@@ -245,10 +272,11 @@ class FastInstDecoder(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """One dual-path layer. queries [B, K+A, D], pixels [B, HW, D], attn_mask
         [B*nheads, K+A, HW] bool. Returns the updated (queries, pixels)."""
-        pixels = self.transformer_mask_cross_attention_layers[i](
-            pixels, queries, pos=query_pos, query_pos=pixel_pos
-        )
-        pixels = self.transformer_mask_ffn_layers[i](pixels)
+        if self.dual_path:
+            pixels = self.transformer_mask_cross_attention_layers[i](
+                pixels, queries, pos=query_pos, query_pos=pixel_pos
+            )
+            pixels = self.transformer_mask_ffn_layers[i](pixels)
         queries = self.transformer_query_cross_attention_layers[i](
             queries, pixels, memory_mask=attn_mask, pos=pixel_pos, query_pos=query_pos
         )

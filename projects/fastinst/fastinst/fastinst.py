@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from common.modeling.criterion import SetCriterion
-from common.modeling.matcher import HungarianMatcher
+from common.modeling.matcher import HungarianMatcher, costs_from_config
 from common.modeling.meta_arch import (
     backbone_size_divisibility,
     normalize_and_pad,
@@ -41,19 +41,32 @@ def build_fastinst_criterion(cfg: CfgNode, num_classes: int) -> SetCriterion:
     """FastInst's matcher and losses on the shared :class:`~common.modeling.criterion.SetCriterion`.
 
     Matcher: softmax class 2, point BCE 5, point dice 5 (12544 shared random points), location
-    1000. Losses: CE (no-object 0.1) 2, point-sampled BCE 5 and dice 5 on every output; the
-    proposal loss 20 (dense proposal matching) on the final output only.
+    1000; ``MODEL.MATCHER.COSTS`` replaces these terms (the loss weights stay). Losses: CE
+    (no-object 0.1) 2, point-sampled BCE 5 and dice 5 on every output; the proposal loss 20
+    (dense proposal matching) on the final output only. With ``QUERY_TYPE "learned"`` (the
+    query-type ablation) the queries have no location and no proposal map: no location cost,
+    no proposal loss.
     """
     f = cfg.MODEL.FASTINST
+    ia_queries = f.QUERY_TYPE == "ia_guided"
     points = {"num_points": f.TRAIN_NUM_POINTS}
-    matcher = HungarianMatcher(
-        [
-            ("softmax_class", f.CLASS_WEIGHT),
+    if cfg.MODEL.MATCHER.COSTS:  # the shared key: any registered terms
+        costs = costs_from_config(
+            cfg,
+            (),
+            {"point_bce": points, "point_dice": points},
+            ("pred_logits", "pred_masks", *(["pred_locations"] if ia_queries else [])),
+            "FastInst",
+        )
+    else:
+        costs = [
+            ("softmax_class", f.CLASS_WEIGHT, {}),
             ("point_bce", f.MASK_WEIGHT, points),
             ("point_dice", f.DICE_WEIGHT, points),
-            ("location", f.LOCATION_WEIGHT),
         ]
-    )
+        if ia_queries:
+            costs.append(("location", f.LOCATION_WEIGHT, {}))
+    matcher = HungarianMatcher(costs)
     losses = [
         ("labels_ce", {"no_object_weight": f.NO_OBJECT_WEIGHT}),
         (
@@ -64,14 +77,17 @@ def build_fastinst_criterion(cfg: CfgNode, num_classes: int) -> SetCriterion:
                 "importance_sample_ratio": f.IMPORTANCE_SAMPLE_RATIO,
             },
         ),
-        ("proposals", {"class_weight": f.CLASS_WEIGHT, "location_weight": f.LOCATION_WEIGHT}),
     ]
     weight_dict = {
         "loss_ce": f.CLASS_WEIGHT,
         "loss_mask": f.MASK_WEIGHT,
         "loss_dice": f.DICE_WEIGHT,
-        "loss_proposal": f.PROPOSAL_WEIGHT,
     }
+    if ia_queries:
+        losses.append(
+            ("proposals", {"class_weight": f.CLASS_WEIGHT, "location_weight": f.LOCATION_WEIGHT})
+        )
+        weight_dict["loss_proposal"] = f.PROPOSAL_WEIGHT
     return SetCriterion(
         matcher, num_classes, losses, weight_dict, aux_losses=["labels_ce", "masks_point"]
     )

@@ -93,6 +93,9 @@ class BaseFPN(nn.Module):
         shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
         self.in_features = [k for k, _ in shapes]
         self.convs_dim = convs_dim
+        # (no mask_features, strides of the outputs coarse -> fine), for
+        # common.modeling.neck.PixelDecoderNeck (this FPN as another method's neck)
+        self.output_strides = (None, [v.stride for _, v in reversed(shapes)])
         use_bias = norm == ""
         # index 1 = highest resolution (official naming); kept in coarse-to-fine lists too
         for idx, (_, shape) in enumerate(shapes, start=1):

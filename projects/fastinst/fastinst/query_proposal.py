@@ -63,12 +63,17 @@ class QueryProposal(nn.Module):
         num_features: D, channels of E4.
         num_queries: k, the number of IA queries N_a.
         num_classes: C foreground classes (the head predicts C + 1 with background last).
+        local_maximum: add +1 at the 8-neighbourhood local maxima (the paper's selection);
+            False: plain top-k of the arg-max class probability (its ablation).
     """
 
-    def __init__(self, num_features: int, num_queries: int, num_classes: int):
+    def __init__(
+        self, num_features: int, num_queries: int, num_classes: int, local_maximum: bool = True
+    ):
         super().__init__()
         self.num_queries = num_queries
         self.num_classes = num_classes
+        self.local_maximum = local_maximum
         self.conv_proposal_cls_logits = nn.Sequential(
             nn.Conv2d(num_features, num_features, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
@@ -87,7 +92,8 @@ class QueryProposal(nn.Module):
         probs = cls_logits.softmax(dim=1)[:, : self.num_classes]
         top_prob, top_cls = probs.max(dim=1, keepdim=True)
         class_planes = torch.zeros_like(probs).scatter_(1, top_cls, top_prob)
-        class_planes = class_planes + local_maximum_map(class_planes)
+        if self.local_maximum:
+            class_planes = class_planes + local_maximum_map(class_planes)
         return class_planes.amax(dim=1).flatten(1)
 
     def forward(self, x: Tensor, pos: Tensor) -> Proposals:

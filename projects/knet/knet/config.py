@@ -88,6 +88,13 @@ def add_knet_config(cfg: CN) -> None:
     k.NUM_STUFF_CLASSES = -1
     # Backbone maps fed to the FPN neck (P2..P5), finest first (strides 4..32).
     k.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # The neck between backbone and stage-0 head: "FPN" (K-Net's: mmdet FPN on IN_FEATURES,
+    # HIDDEN_DIM channels) or a pixel decoder of SEM_SEG_HEADS_REGISTRY that declares
+    # output_strides (common.modeling.neck): "QSMSDeformAttnPixelDecoder" (strides 4-32, 4
+    # levels), FastInst's "PyramidPoolingModuleFPN" / "BaseFPN" (its IN_FEATURES' strides; with
+    # res3-res5 set NECK_OUT_LEVEL 0, POS_ENCODING_LEVEL 2). The decoder reads its own
+    # MODEL.SEM_SEG_HEAD.* keys; its width (CONVS_DIM, MASK_DIM) must be HIDDEN_DIM.
+    k.NECK = "FPN"
     # Number of learned (thing) kernels N.
     k.NUM_PROPOSALS = 100
     # Number of kernel update heads S (iterations after the stage-0 kernels).
@@ -104,6 +111,10 @@ def add_knet_config(cfg: CN) -> None:
     k.NECK_OUT_LEVEL = 1
     # Std of the normal init of the stage-0 kernels (init_kernels).
     k.KERNEL_INIT_STD = 1.0
+    # The paper's component ablation (its Table 2a): False drops the gates of the adaptive
+    # kernel update (new kernel = LN(F) + LN(K)) / the kernel interaction (self-attention).
+    k.ADAPTIVE_KERNEL_UPDATE = True
+    k.KERNEL_INTERACTION = True
     # Attention heads of the kernel interaction (multi-head self-attention over kernels).
     k.NUM_HEADS = 8
     # Hidden width of the FFN after kernel interaction.

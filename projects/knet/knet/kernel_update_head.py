@@ -25,28 +25,42 @@ class KernelUpdator(nn.Module):
     ``F_in, F_out = split(dynamic_layer(F))``, ``K_in, K_out = split(input_layer(K))``,
     ``gate = F_in * K_in``, ``input_gate = sigmoid(LN(Linear(gate)))`` and
     ``update_gate = sigmoid(LN(Linear(gate)))``.
+
+    ``adaptive=False`` is the paper's ablation without adaptive kernel update (its Table 2a):
+    both gates are 1, i.e. ``new = LN(F_out) + LN(K_out)`` then the same Linear-LN-ReLU; the
+    gate layers and the F_in / K_in halves are not built.
     """
 
     def __init__(
-        self, *, in_channels: int = 256, feat_channels: int = 256, out_channels: int = 256
+        self,
+        *,
+        in_channels: int = 256,
+        feat_channels: int = 256,
+        out_channels: int = 256,
+        adaptive: bool = True,
     ):
         """
         Args:
             in_channels: width of one chunk of F and K (the official ``in_channels``).
             feat_channels: width of the gated features.
             out_channels: width of the updated kernel chunk.
+            adaptive: gate F and K (paper Eq. 3-5); False: their plain sum.
         """
         super().__init__()
         self.in_channels = in_channels
         self.feat_channels = feat_channels
         self.out_channels = out_channels
-        self.dynamic_layer = nn.Linear(in_channels, 2 * feat_channels)
-        self.input_layer = nn.Linear(in_channels, 2 * feat_channels)
-        self.input_gate = nn.Linear(in_channels, feat_channels)
-        self.update_gate = nn.Linear(in_channels, feat_channels)
-        self.norm_in = nn.LayerNorm(feat_channels)
+        self.adaptive = adaptive
+        halves = 2 if adaptive else 1  # F_in / K_in only feed the gates
+        self.dynamic_layer = nn.Linear(in_channels, halves * feat_channels)
+        self.input_layer = nn.Linear(in_channels, halves * feat_channels)
+        if adaptive:
+            self.input_gate = nn.Linear(in_channels, feat_channels)
+            self.update_gate = nn.Linear(in_channels, feat_channels)
+            self.norm_in = nn.LayerNorm(feat_channels)
         self.norm_out = nn.LayerNorm(feat_channels)
-        self.input_norm_in = nn.LayerNorm(feat_channels)
+        if adaptive:
+            self.input_norm_in = nn.LayerNorm(feat_channels)
         self.input_norm_out = nn.LayerNorm(feat_channels)
         self.fc_layer = nn.Linear(feat_channels, out_channels)
         self.fc_norm = nn.LayerNorm(out_channels)
@@ -69,6 +83,9 @@ class KernelUpdator(nn.Module):
         feats = group_feats.reshape(-1, self.in_channels)
         num_rows = feats.shape[0]
         params = self.dynamic_layer(feats)
+        if not self.adaptive:  # the ablation: both gates are 1
+            inputs = self.input_layer(kernels.reshape(num_rows, -1, self.feat_channels))
+            return self.norm_out(params).unsqueeze(-2) + self.input_norm_out(inputs)
         param_in = params[:, : self.feat_channels]
         param_out = params[:, -self.feat_channels :]
         inputs = self.input_layer(kernels.reshape(num_rows, -1, self.feat_channels))
@@ -101,6 +118,8 @@ class KernelUpdateHead(nn.Module):
         hard_mask_thr: float | None = 0.5,
         with_cls: bool = True,
         reference_init: str = "mmdet",
+        adaptive_kernel_update: bool = True,
+        kernel_interaction: bool = True,
     ):
         """
         Args:
@@ -122,6 +141,10 @@ class KernelUpdateHead(nn.Module):
                 PyTorch's default. In both, ``feat_transform`` is an mmcv ``ConvModule``
                 initialised at construction (Kaiming-normal fan_out, zero bias), which the
                 Xavier pass then overwrites in "mmdet" except the bias.
+            adaptive_kernel_update: gated kernel update (:class:`KernelUpdator`); False: the
+                paper's ablation with the plain sum of F and K.
+            kernel_interaction: self-attention among the kernels; False: the paper's ablation
+                without it (no attention, no attention norm; the FFN stays).
         """
         if reference_init not in ("mmdet", "mmseg"):
             raise ValueError(f"reference_init must be 'mmdet' or 'mmseg', got {reference_init!r}")
@@ -142,9 +165,12 @@ class KernelUpdateHead(nn.Module):
             in_channels=updator_channels,
             feat_channels=updator_channels,
             out_channels=updator_channels,
+            adaptive=adaptive_kernel_update,
         )
-        self.attention = nn.MultiheadAttention(embed, num_heads, dropout=dropout)
-        self.attention_norm = nn.LayerNorm(embed)
+        self.kernel_interaction = kernel_interaction
+        if kernel_interaction:
+            self.attention = nn.MultiheadAttention(embed, num_heads, dropout=dropout)
+            self.attention_norm = nn.LayerNorm(embed)
         self.ffn = nn.Sequential(
             nn.Linear(in_channels, feedforward_channels),
             nn.ReLU(inplace=True),
@@ -214,9 +240,11 @@ class KernelUpdateHead(nn.Module):
         kernels = kernels.reshape(b, n, c, -1).permute(0, 1, 3, 2)
         obj = self.kernel_update_conv(group_feats, kernels)
         # kernel interaction: self-attention over the N kernels of each image
-        obj = obj.reshape(b, n, -1).transpose(0, 1)  # [N, B, K*K*C]
-        obj = self.attention_norm(obj + self.attention(obj, obj, obj, need_weights=False)[0])
-        obj = obj.transpose(0, 1).reshape(b, n, -1, c)  # [B, N, K*K, C]
+        if self.kernel_interaction:
+            obj = obj.reshape(b, n, -1).transpose(0, 1)  # [N, B, K*K*C]
+            obj = self.attention_norm(obj + self.attention(obj, obj, obj, need_weights=False)[0])
+            obj = obj.transpose(0, 1)
+        obj = obj.reshape(b, n, -1, c)  # [B, N, K*K, C]
         obj = self.ffn_norm(obj + self.ffn(obj))
 
         cls_logits = None

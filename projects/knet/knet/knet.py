@@ -12,8 +12,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from common.modeling.criterion import SetCriterion
-from common.modeling.matcher import HungarianMatcher
+from common.modeling.matcher import COST_TERMS, HungarianMatcher, costs_from_config
 from common.modeling.meta_arch import normalize_and_pad, num_classes, padding_multiples
+from common.modeling.neck import PixelDecoderNeck
 
 from .kernel_head import ConvKernelHead
 from .kernel_update_head import KernelUpdateHead
@@ -118,13 +119,21 @@ class KNet(nn.Module):
         strides = [shapes[f].stride for f in k.IN_FEATURES]
         if any(b != 2 * a for a, b in zip(strides, strides[1:])):
             raise ValueError(f"MODEL.KNET.IN_FEATURES must have doubling strides, got {strides}")
-        neck = FPNNeck(
-            in_channels=[shapes[f].channels for f in k.IN_FEATURES], out_channels=k.HIDDEN_DIM
-        )
+        if k.NECK == "FPN":  # K-Net's own (mmdet FPN)
+            neck = FPNNeck(
+                in_channels=[shapes[f].channels for f in k.IN_FEATURES], out_channels=k.HIDDEN_DIM
+            )
+            num_levels = len(k.IN_FEATURES)
+        else:  # a registered pixel decoder (built from its MODEL.SEM_SEG_HEAD.* keys)
+            neck = PixelDecoderNeck.build(
+                cfg, k.NECK, {f: shapes[f] for f in k.IN_FEATURES}, "MODEL.KNET.NECK"
+            )
+            num_levels = len(neck.strides)
+            _check_neck(cfg, neck.strides, neck.with_mask_features)
         kernel_head = ConvKernelHead(
             num_proposals=k.NUM_PROPOSALS,
             num_classes=n_classes,
-            num_levels=len(k.IN_FEATURES),
+            num_levels=num_levels,
             in_channels=k.HIDDEN_DIM,
             channels=k.HIDDEN_DIM,
             conv_kernel_size=k.CONV_KERNEL_SIZE,
@@ -145,6 +154,8 @@ class KNet(nn.Module):
                 dropout=k.DROPOUT,
                 updator_channels=k.UPDATOR_DIM,
                 hard_mask_thr=k.HARD_MASK_THR,
+                adaptive_kernel_update=k.ADAPTIVE_KERNEL_UPDATE,
+                kernel_interaction=k.KERNEL_INTERACTION,
             )
             for _ in range(k.NUM_STAGES)
         ]
@@ -313,6 +324,36 @@ class KNet(nn.Module):
         return results
 
 
+def _check_neck(cfg: CfgNode, strides: list[int], with_mask_features: bool) -> None:
+    """A pixel decoder as K-Net's neck (MODEL.KNET.NECK): its width must be HIDDEN_DIM, the
+    levels NECK_OUT_LEVEL / POS_ENCODING_LEVEL must exist, and the first at the stride whose
+    masks, upsampled by MASK_UPSAMPLE_STRIDE, meet the targets at MASK_ASSIGN_STRIDE."""
+    k, head = cfg.MODEL.KNET, cfg.MODEL.SEM_SEG_HEAD
+    widths = {"MODEL.SEM_SEG_HEAD.CONVS_DIM": head.CONVS_DIM}
+    if with_mask_features:
+        widths["MODEL.SEM_SEG_HEAD.MASK_DIM"] = head.MASK_DIM
+    for key, width in widths.items():
+        if width != k.HIDDEN_DIM:
+            raise ValueError(
+                f"MODEL.KNET.NECK={k.NECK!r}: {key}={width} must equal "
+                f"MODEL.KNET.HIDDEN_DIM={k.HIDDEN_DIM}"
+            )
+    for level, key in ((k.NECK_OUT_LEVEL, "NECK_OUT_LEVEL"),
+                       (k.POS_ENCODING_LEVEL, "POS_ENCODING_LEVEL")):  # fmt: skip
+        if level >= len(strides):
+            raise ValueError(
+                f"MODEL.KNET.{key}={level} but MODEL.KNET.NECK={k.NECK!r} gives "
+                f"{len(strides)} levels (strides {strides})"
+            )
+    want = k.MASK_ASSIGN_STRIDE * k.MASK_UPSAMPLE_STRIDE
+    if strides[k.NECK_OUT_LEVEL] != want:
+        raise ValueError(
+            f"MODEL.KNET.NECK={k.NECK!r}: level NECK_OUT_LEVEL={k.NECK_OUT_LEVEL} has stride "
+            f"{strides[k.NECK_OUT_LEVEL]}, K-Net needs {want} (MASK_ASSIGN_STRIDE x "
+            f"MASK_UPSAMPLE_STRIDE); its levels have strides {strides}"
+        )
+
+
 def build_knet_criteria(
     cfg: CfgNode, num_classes: int, panoptic: bool, num_thing_classes: int | None = None
 ) -> tuple[SetCriterion, SetCriterion]:
@@ -327,12 +368,22 @@ def build_knet_criteria(
     n = k.NUM_PROPOSALS
     t = num_classes if num_thing_classes is None else num_thing_classes
     focal = {"alpha": k.FOCAL_ALPHA, "gamma": k.FOCAL_GAMMA}
-    mask_costs = [("dice_sq", k.COST_DICE), ("mask_agreement", k.COST_MASK)]
+    if cfg.MODEL.MATCHER.COSTS:
+        costs = costs_from_config(
+            cfg, (), {"focal_class": focal}, ("pred_logits", "pred_masks"), "K-Net"
+        )
+    else:  # K-Net's own terms (mmdet FocalLossCost, DiceCost, MaskCost)
+        costs = [
+            ("focal_class", k.COST_CLASS, focal),
+            ("dice_sq", k.COST_DICE, {}),
+            ("mask_agreement", k.COST_MASK, {}),
+        ]
+    # the stage-0 matcher (and stage 1, matched on the stage-0 masks) has no class scores
+    mask_costs = [c for c in costs if "pred_logits" not in COST_TERMS[c[0]].required_keys]
 
     def matcher(with_class: bool, with_stuff: bool) -> KNetMatcher:
-        costs = [("focal_class", k.COST_CLASS, focal)] if with_class else []
         return KNetMatcher(
-            HungarianMatcher([*costs, *mask_costs]),
+            HungarianMatcher(costs if with_class else mask_costs),
             num_proposals=n,
             num_thing_classes=t,
             with_stuff=with_stuff,

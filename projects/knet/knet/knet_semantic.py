@@ -115,6 +115,8 @@ class KNetSemantic(nn.Module):
                 hard_mask_thr=None,
                 with_cls=False,
                 reference_init="mmseg",
+                adaptive_kernel_update=k.ADAPTIVE_KERNEL_UPDATE,
+                kernel_interaction=k.KERNEL_INTERACTION,
             )
             for _ in range(k.NUM_STAGES)
         ]

@@ -51,6 +51,11 @@ def add_queryinst_config(cfg: CN) -> None:
     q.MASK_NUM_CONVS = 4
     q.MASK_CONV_DIM = 256
     q.MASK_NORM = "BN"
+    # The paper's mask-head ablations: a dynamic mask head (RoI features modulated by the
+    # query; False: a vanilla FCN mask head) and parallel supervision (a mask head and mask
+    # loss at every stage; False: at the last stage only).
+    q.MASK_DYNAMIC = True
+    q.PARALLEL_MASK_SUPERVISION = True
     # Matcher cost weights: sigmoid focal class, L1 on normalised xyxy boxes, GIoU.
     q.COST_CLASS = 2.0
     q.COST_L1 = 5.0

@@ -47,6 +47,8 @@ class DynamicMaskHead(nn.Module):
         dynamic_channels: bottleneck F of the dynamic conv (64).
         num_convs: convs in the stack (4).
         norm: norm of the conv stack ("BN" official).
+        dynamic: modulate the RoI features with the query (the paper's dynamic mask head);
+            False: the vanilla FCN mask head of its ablation (no dynamic conv, queries unused).
     """
 
     def __init__(
@@ -58,13 +60,16 @@ class DynamicMaskHead(nn.Module):
         dynamic_channels: int = 64,
         num_convs: int = 4,
         norm: str = "BN",
+        dynamic: bool = True,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.instance_interactive_conv = DynamicConv(
-            in_channels, dynamic_channels, in_channels, with_proj=False
-        )
+        self.dynamic = dynamic
+        if dynamic:
+            self.instance_interactive_conv = DynamicConv(
+                in_channels, dynamic_channels, in_channels, with_proj=False
+            )
         self.convs = nn.ModuleList(
             ConvNormReLU(in_channels if i == 0 else conv_dim, conv_dim, norm)
             for i in range(num_convs)
@@ -93,8 +98,10 @@ class DynamicMaskHead(nn.Module):
             [P, K, 2r, 2r] mask logits (one channel per class).
         """
         p, c, h, w = roi_features.shape
-        x = self.instance_interactive_conv(attn_features, roi_features)  # [P, h*w, C]
-        x = x.transpose(1, 2).reshape(p, c, h, w)
+        x = roi_features
+        if self.dynamic:
+            x = self.instance_interactive_conv(attn_features, roi_features)  # [P, h*w, C]
+            x = x.transpose(1, 2).reshape(p, c, h, w)
         for conv in self.convs:
             x = conv(x)
         x = self.relu(self.upsample(x))

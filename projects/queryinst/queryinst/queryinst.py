@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from common.modeling.criterion import SetCriterion
 from common.modeling.loss_terms import matched_labels, src_permutation_idx
-from common.modeling.matcher import HungarianMatcher
+from common.modeling.matcher import HungarianMatcher, costs_from_config
 from common.modeling.meta_arch import (
     backbone_size_divisibility,
     normalize_and_pad,
@@ -107,13 +107,18 @@ class QueryInst(nn.Module):
         _xavier_fpn_(backbone)
         roi_head = QueryRoIHead(cfg, backbone.output_shape())
         dim = roi_head.bbox_head[0].in_channels
-        matcher = HungarianMatcher(
-            [
-                ("focal_class", q.COST_CLASS, {"alpha": q.FOCAL_ALPHA, "gamma": q.FOCAL_GAMMA}),
-                ("box_l1", q.COST_L1),
-                ("giou", q.COST_GIOU),
+        focal = {"alpha": q.FOCAL_ALPHA, "gamma": q.FOCAL_GAMMA}
+        if cfg.MODEL.MATCHER.COSTS:  # the shared key: any registered box/class terms
+            costs = costs_from_config(
+                cfg, (), {"focal_class": focal}, ("pred_logits", "pred_boxes"), "QueryInst"
+            )
+        else:
+            costs = [
+                ("focal_class", q.COST_CLASS, focal),
+                ("box_l1", q.COST_L1, {}),
+                ("giou", q.COST_GIOU, {}),
             ]
-        )
+        matcher = HungarianMatcher(costs)
         stage_weights = list(q.STAGE_LOSS_WEIGHTS) or [1.0] * q.NUM_STAGES
         if len(stage_weights) != q.NUM_STAGES:
             raise ValueError(
@@ -137,6 +142,8 @@ class QueryInst(nn.Module):
             normalizer="num_matched",
             key_style="stage",
             stage_loss_weights=stage_weights,
+            # without parallel supervision only the last stage predicts (and learns) masks
+            aux_losses=None if q.PARALLEL_MASK_SUPERVISION else ["labels_focal", "boxes"],
         )
         return {
             "backbone": backbone,
@@ -200,9 +207,10 @@ class QueryInst(nn.Module):
             pred = {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
             indices = self.criterion.matcher(pred, targets)
             pred["pred_matching_indices"] = indices
-            pred["pred_roi_masks"] = self._matched_mask_logits(
-                stage, features, out, indices, targets
-            )
+            if self.roi_head.has_mask_head(stage):
+                pred["pred_roi_masks"] = self._matched_mask_logits(
+                    stage, features, out, indices, targets
+                )
             stage_outputs.append(pred)
             boxes = out["pred_boxes"].detach()
             proposal_features = out["object_features"]
@@ -219,7 +227,8 @@ class QueryInst(nn.Module):
     ) -> Tensor:
         """GT-class mask logits [M, S, S] of the matched queries (src_permutation_idx order)."""
         b_idx, q_idx = src_permutation_idx(indices, self.device)
-        mask_head = self.roi_head.mask_head[stage]
+        heads = self.roi_head.mask_head
+        mask_head = heads[stage if len(heads) == self.roi_head.num_stages else 0]
         side = 2 * self.roi_head.mask_pooler.output_size[0]
         if b_idx.numel() == 0:
             # no positives: a zero-size output still touching every mask-head parameter, so that

@@ -112,12 +112,13 @@ class QueryRoIHead(nn.Module):
             box_pooler: 7x7 RoIAlign over ``in_features`` (shared by the stages; no parameters).
             mask_pooler: 14x14 RoIAlign over ``in_features``.
             bbox_head: one DIIHead per stage.
-            mask_head: one DynamicMaskHead per stage (same length).
+            mask_head: one DynamicMaskHead per stage (same length), or one, for the last stage
+                only (the ablation without parallel mask supervision).
             box2box_transform: decodes the DIIHead deltas relative to the stage's input boxes.
             in_features: FPN feature names, finest first (e.g. p2..p5).
         """
         super().__init__()
-        if len(bbox_head) != len(mask_head) or not bbox_head:
+        if len(mask_head) not in (1, len(bbox_head)) or not bbox_head:
             raise ValueError(f"{len(bbox_head)} box heads vs {len(mask_head)} mask heads")
         self.box_pooler = box_pooler
         self.mask_pooler = mask_pooler
@@ -167,8 +168,10 @@ class QueryRoIHead(nn.Module):
                 dynamic_channels=q.DIM_DYNAMIC,
                 num_convs=q.MASK_NUM_CONVS,
                 norm=q.MASK_NORM,
+                dynamic=q.MASK_DYNAMIC,
             )
-            for _ in range(q.NUM_STAGES)
+            # parallel supervision (the paper's): a mask head per stage; else the last only
+            for _ in range(q.NUM_STAGES if q.PARALLEL_MASK_SUPERVISION else 1)
         ]
         return {
             "box_pooler": pooler(q.BOX_POOLER_RESOLUTION),
@@ -182,6 +185,11 @@ class QueryRoIHead(nn.Module):
     @property
     def num_stages(self) -> int:
         return len(self.bbox_head)
+
+    def has_mask_head(self, stage: int) -> bool:
+        """Whether ``stage`` predicts masks (all stages, or the last without parallel
+        supervision)."""
+        return len(self.mask_head) == self.num_stages or stage == self.num_stages - 1
 
     def select_features(self, features: dict[str, Tensor]) -> list[Tensor]:
         """The pooled FPN levels, finest first: list of [B, C, H_l, W_l]."""
@@ -231,5 +239,8 @@ class QueryRoIHead(nn.Module):
         Returns:
             [sum P_b, K, 2r, 2r] class-specific mask logits (28x28 for r = 14).
         """
+        if not self.has_mask_head(stage):
+            raise ValueError(f"stage {stage} has no mask head (no parallel mask supervision)")
         rois = self.mask_pooler(features, [_as_boxes(x) for x in boxes])
-        return self.mask_head[stage](rois, attn_features)
+        head = self.mask_head[stage if len(self.mask_head) == self.num_stages else 0]
+        return head(rois, attn_features)

@@ -157,6 +157,18 @@ SWITCHES = [
     ),  # noqa: E501
     (
         QUERYINST,
+        ["MODEL.QUERYINST.MASK_QUERY", "shared"],
+        ["MODEL.QUERYINST.MASK_QUERY", "own_msa"],
+        "params",
+    ),  # noqa: E501
+    (
+        QUERYINST,
+        ["MODEL.QUERYINST.MASK_QUERY", "shared"],
+        ["MODEL.QUERYINST.MASK_QUERY", "separate"],
+        "params",
+    ),  # noqa: E501
+    (
+        QUERYINST,
         ["MODEL.QUERYINST.PARALLEL_MASK_SUPERVISION", True],
         ["MODEL.QUERYINST.PARALLEL_MASK_SUPERVISION", False],
         "params",

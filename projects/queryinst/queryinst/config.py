@@ -56,6 +56,12 @@ def add_queryinst_config(cfg: CN) -> None:
     # loss at every stage; False: at the last stage only).
     q.MASK_DYNAMIC = True
     q.PARALLEL_MASK_SUPERVISION = True
+    # Where the dynamic mask head's parameters come from (the paper's query-sharing ablation):
+    # "shared" (the paper's): the box head's post-self-attention query of the same stage;
+    # "own_msa": the same stage input query through the mask branch's own self-attention + LN;
+    # "separate": a learnable query set of the mask branch's own (not the detection queries)
+    # through its own self-attention + LN per stage.
+    q.MASK_QUERY = "shared"
     # Matcher cost weights: sigmoid focal class, L1 on normalised xyxy boxes, GIoU.
     q.COST_CLASS = 2.0
     q.COST_L1 = 5.0

@@ -233,7 +233,9 @@ class QueryInst(nn.Module):
         if b_idx.numel() == 0:
             # no positives: a zero-size output still touching every mask-head parameter, so that
             # DDP sees gradients for them (and BatchNorm never sees an empty batch)
-            anchor = sum(p.sum() for p in mask_head.parameters()) * 0.0
+            anchor = (
+                sum(p.sum() for p in mask_head.parameters()) + out["attn_features"].sum()
+            ) * 0.0
             return anchor + out["attn_features"].new_zeros((0, side, side))
         pred_boxes = out["pred_boxes"].detach()
         roi_boxes = [pred_boxes[b, src.to(self.device)] for b, (src, _) in enumerate(indices)]

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from common.modeling.meta_arch import num_classes
 
-from .dii_head import DIIHead
+from .dii_head import DIIHead, QueryAttention
 from .mask_head import DynamicMaskHead
 
 
@@ -89,6 +89,9 @@ class EmbeddingRPNHead(nn.Module):
         return boxes, feats
 
 
+MASK_QUERY_SOURCES = ("shared", "own_msa", "separate")
+
+
 class QueryRoIHead(nn.Module):
     """The cascade of ``num_stages`` (DIIHead, DynamicMaskHead) pairs with their RoI poolers.
 
@@ -106,6 +109,10 @@ class QueryRoIHead(nn.Module):
         mask_head: Sequence[DynamicMaskHead],
         box2box_transform: Box2BoxTransform,
         in_features: Sequence[str],
+        mask_query: str = "shared",
+        num_heads: int = 8,
+        dropout: float = 0.0,
+        num_proposals: int = 100,
     ):
         """
         Args:
@@ -116,7 +123,18 @@ class QueryRoIHead(nn.Module):
                 only (the ablation without parallel mask supervision).
             box2box_transform: decodes the DIIHead deltas relative to the stage's input boxes.
             in_features: FPN feature names, finest first (e.g. p2..p5).
+            mask_query: the mask head's parameter source: "shared" (the DIIHead's
+                post-attention query, the paper's), "own_msa" (the stage's input query through
+                a self-attention + LN of the mask branch) or "separate" (``num_proposals``
+                learnable mask queries of the mask branch through its own self-attention + LN
+                per stage; matched to the detection queries by index).
+            num_heads, dropout: of the mask branch's self-attention ("own_msa", "separate").
         """
+        if mask_query not in MASK_QUERY_SOURCES:
+            raise ValueError(
+                f"MODEL.QUERYINST.MASK_QUERY must be one of {MASK_QUERY_SOURCES}, "
+                f"got {mask_query!r}"
+            )
         super().__init__()
         if len(mask_head) not in (1, len(bbox_head)) or not bbox_head:
             raise ValueError(f"{len(bbox_head)} box heads vs {len(mask_head)} mask heads")
@@ -126,6 +144,15 @@ class QueryRoIHead(nn.Module):
         self.mask_head = nn.ModuleList(mask_head)
         self.box2box_transform = box2box_transform
         self.in_features = list(in_features)
+        self.mask_query = mask_query
+        if mask_query != "shared":
+            dim = self.bbox_head[0].attention_norm.normalized_shape[0]
+            self.mask_attention = nn.ModuleList(
+                QueryAttention(dim, num_heads, dropout) for _ in self.mask_head
+            )
+            self.mask_attention_norm = nn.ModuleList(nn.LayerNorm(dim) for _ in self.mask_head)
+        if mask_query == "separate":
+            self.mask_query_embed = nn.Embedding(num_proposals, dim)
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
@@ -141,6 +168,11 @@ class QueryRoIHead(nn.Module):
         if len(channels) != 1:
             raise ValueError(f"QueryInst needs equal channels on {in_features}, got {channels}")
         dim = channels.pop()
+        if q.MASK_QUERY != "shared" and not q.MASK_DYNAMIC:
+            raise ValueError(
+                f"MODEL.QUERYINST.MASK_QUERY {q.MASK_QUERY!r} needs the dynamic mask head: "
+                "with MODEL.QUERYINST.MASK_DYNAMIC False no query reaches the mask head"
+            )
         scales = [1.0 / input_shape[f].stride for f in in_features]
 
         def pooler(res: int) -> ROIPooler:
@@ -180,6 +212,10 @@ class QueryRoIHead(nn.Module):
             "mask_head": mask_head,
             "box2box_transform": Box2BoxTransform(weights=tuple(q.BBOX_REG_WEIGHTS)),
             "in_features": in_features,
+            "mask_query": q.MASK_QUERY,
+            "num_heads": q.NUM_HEADS,
+            "dropout": q.DROPOUT,
+            "num_proposals": q.NUM_PROPOSALS,
         }
 
     @property
@@ -207,7 +243,9 @@ class QueryRoIHead(nn.Module):
 
         Returns:
             ``pred_logits`` [B, N, K], ``pred_boxes`` [B, N, 4] refined absolute xyxy (with
-            gradient to the deltas), ``object_features`` [B, N, C], ``attn_features`` [B, N, C].
+            gradient to the deltas), ``object_features`` [B, N, C], ``attn_features`` [B, N, C]
+            (the mask head's parameter source: the DIIHead's post-attention query, or the mask
+            branch's own attention with ``mask_query`` "own_msa" / "separate").
         """
         b, n = boxes.shape[:2]
         rois = self.box_pooler(features, [_as_boxes(x) for x in boxes])  # [B*N, C, 7, 7]
@@ -215,11 +253,20 @@ class QueryRoIHead(nn.Module):
         refined = _apply_deltas(
             self.box2box_transform, out["box_deltas"].reshape(b * n, 4), boxes.reshape(b * n, 4)
         ).view(b, n, 4)
+        attn = out["attn_features"]
+        if self.mask_query != "shared" and self.has_mask_head(stage):
+            # the ablation's mask-query sources: the mask head reads the mask branch's own
+            # self-attention over the stage input query ("own_msa") or over its own queries
+            i = stage if len(self.mask_head) == self.num_stages else 0
+            source = proposal_features
+            if self.mask_query == "separate":
+                source = self.mask_query_embed.weight[None].expand(b, -1, -1)
+            attn = self.mask_attention_norm[i](self.mask_attention[i](source))
         return {
             "pred_logits": out["cls_logits"],
             "pred_boxes": refined,
             "object_features": out["object_features"],
-            "attn_features": out["attn_features"],
+            "attn_features": attn,
         }
 
     def mask_stage(

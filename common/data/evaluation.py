@@ -25,6 +25,7 @@ from detectron2.utils.file_io import PathManager
 from PIL import Image
 
 from .shapes import ensure_generated
+from .ytvis_evaluation import YTVISEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def build_evaluator(
       ``COCOEvaluator`` for "segm"/"bbox" (needs metadata ``json_file``) and ``SemSegEvaluator``
       for "sem_seg" (needs semantic labels, metadata ``sem_seg_root``).
     - "sem_seg": ``SemSegEvaluator``.
+    - "ytvis": ``YTVISEvaluator`` (video AP of mask tubes; needs "segm").
 
     Args:
         cfg: config with ``TEST.EVAL_TASKS`` (see ``common.engine.defaults.add_common_config``).
@@ -134,9 +136,17 @@ def build_evaluator(
             )
         return _sem_seg_evaluator(dataset_name, output_folder)
 
+    if evaluator_type == "ytvis":  # video instances: mask-tube AP (masks only, no box AP)
+        if "segm" not in tasks:
+            raise ValueError(
+                f"dataset {dataset_name!r} (evaluator_type 'ytvis') is evaluated on 'segm', but "
+                f"cfg.TEST.EVAL_TASKS={tasks!r} has none"
+            )
+        return YTVISEvaluator(dataset_name, output_dir=output_folder)
+
     raise ValueError(
         f"no evaluator for dataset {dataset_name!r}: its metadata evaluator_type is "
-        f"{evaluator_type!r}; supported: 'coco', 'coco_panoptic_seg', 'sem_seg'"
+        f"{evaluator_type!r}; supported: 'coco', 'coco_panoptic_seg', 'sem_seg', 'ytvis'"
     )
 
 

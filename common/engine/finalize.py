@@ -51,6 +51,7 @@ _EVALUATOR_TASK = {
     "coco": "instance",
     "lvis": "instance",
     "cityscapes_instance": "instance",
+    "ytvis": "instance",  # video instances (YouTube-VIS)
     "coco_panoptic_seg": "panoptic",
     "cityscapes_panoptic_seg": "panoptic",
     "sem_seg": "semantic",

@@ -249,8 +249,9 @@ class YTVISEvaluator(DatasetEvaluator):
 
     Expects per video an output dict with ``frames``: a list of per-frame ``Instances`` carrying
     ``track_ids`` (see :func:`frames_to_tracks`). Writes ``results.json`` (YouTube-VIS result
-    format) to ``output_dir``. Returns ``{"segm": {AP, AP50, AP75, APs, APm, APl, AR1, AR10,
-    AR100, IDSW}}``; IDSW is :func:`count_id_switches` at ``idsw_score_thresh``.
+    format) to ``output_dir``. Returns ``{"video_segm": {AP, AP50, AP75, APs, APm, APl, AR1,
+    AR10, AR100, IDSW}}`` (its own key: video AP is not image mask AP); IDSW is
+    :func:`count_id_switches` at ``idsw_score_thresh``.
     """
 
     def __init__(
@@ -327,4 +328,4 @@ class YTVISEvaluator(DatasetEvaluator):
         gt = [t for t in gt if t["video_id"] in evaluated]
         res = evaluate_tracks(gt, predictions, sorted(evaluated), cat_ids)
         res["IDSW"], _ = count_id_switches(gt, predictions, self._idsw_score_thresh)
-        return OrderedDict(segm=res)
+        return OrderedDict(video_segm=res)

@@ -122,7 +122,7 @@ def test_ground_truth_as_predictions_gives_100(tmp_path):
         anns = [a for a in data["annotations"] if a["video_id"] == v["id"]]
         frames = _frames_from_json(anns, v["length"], v["height"], v["width"])
         ev.process([{"video_id": v["id"]}], [{"frames": frames}])
-    res = ev.evaluate()["segm"]
+    res = ev.evaluate()["video_segm"]
     assert res["AP"] == pytest.approx(100) and res["AR10"] == pytest.approx(100)
     assert res["IDSW"] == 0
     assert (tmp_path / "out" / "results.json").exists()

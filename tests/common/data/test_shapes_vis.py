@@ -90,3 +90,27 @@ def test_ytvis_2019_builtin_registered():
     assert meta.evaluator_type == "ytvis" and len(meta.thing_classes) == 40
     assert meta.json_file.endswith("ytvis_2019/train.json")
     assert MetadataCatalog.get("ytvis_2019_val").image_root.endswith("valid/JPEGImages")
+
+
+def test_bad_video_annotation_names_json_annotation_and_video(tmp_path):
+    from common.data.validation import DataError, load_train_dicts
+    from common.data.ytvis import register_ytvis_instances
+    from common.engine import get_cfg
+
+    rle = mask_util.encode(np.asfortranarray(np.ones((4, 4), np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    data = {
+        "videos": [{"id": 3, "length": 1, "width": 4, "height": 4, "file_names": ["v/0.jpg"]}],
+        "annotations": [
+            {"id": 11, "video_id": 3, "category_id": 1, "iscrowd": 0, "segmentations": [rle],
+             "bboxes": [[0, 0, -2, 4]], "areas": [16]}
+        ],
+        "categories": [{"id": 1, "name": "x"}],
+    }  # fmt: skip
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(data))
+    register_ytvis_instances("svis_broken", {}, str(path), str(tmp_path))
+    cfg = get_cfg()
+    cfg.DATASETS.TRAIN = ("svis_broken",)
+    with pytest.raises(DataError, match=r"broken\.json: annotation id=11 of video id=3"):
+        load_train_dicts(cfg, need_masks=True)

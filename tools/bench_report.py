@@ -25,7 +25,7 @@ COLUMNS = (
     ("mIoU", "mIoU"),
 )
 #: columns added when a row is a video (online VIS) model: YouTube-VIS video AP, AR@10, and
-#: identity switches at score >= 0.5 (common/data/ytvis_evaluation.py)
+#: identity switches at score >= 0.3 (common/data/ytvis_evaluation.py)
 VIDEO_COLUMNS = (("vAP", "video AP"), ("vAR10", "video AR@10"), ("IDSW", "ID switches"))
 _DIGITS = {
     "params_m": 2,
@@ -91,7 +91,7 @@ def render_markdown(
     h = header
     columns = columns_for(rows)
     video = (
-        " · **video AP / AR@10** YouTube-VIS mask-tube AP, **ID switches** at score >= 0.5"
+        " · **video AP / AR@10** YouTube-VIS mask-tube AP, **ID switches** at score >= 0.3"
         if columns != COLUMNS
         else ""
     )

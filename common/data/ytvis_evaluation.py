@@ -250,8 +250,9 @@ class YTVISEvaluator(DatasetEvaluator):
     Expects per video an output dict with ``frames``: a list of per-frame ``Instances`` carrying
     ``track_ids`` (see :func:`frames_to_tracks`). Writes ``results.json`` (YouTube-VIS result
     format) to ``output_dir``. Returns ``{"video_segm": {AP, AP50, AP75, APs, APm, APl, AR1,
-    AR10, AR100, IDSW}}`` (its own key: video AP is not image mask AP); IDSW is
-    :func:`count_id_switches` at ``idsw_score_thresh``.
+    AR10, AR100, IDSW, IDSW_frames}}`` (its own key: video AP is not image mask AP); IDSW is
+    :func:`count_id_switches` at ``idsw_score_thresh`` and IDSW_frames the ground-truth frames
+    it matched (so that few switches can be told from few matches).
     """
 
     def __init__(
@@ -259,7 +260,7 @@ class YTVISEvaluator(DatasetEvaluator):
         dataset_name: str,
         output_dir: str | None = None,
         distributed: bool = True,
-        idsw_score_thresh: float = 0.5,
+        idsw_score_thresh: float = 0.3,
     ):
         meta = MetadataCatalog.get(dataset_name)
         self._dataset_name = dataset_name
@@ -327,5 +328,7 @@ class YTVISEvaluator(DatasetEvaluator):
         evaluated = set(videos) or set(video_ids)
         gt = [t for t in gt if t["video_id"] in evaluated]
         res = evaluate_tracks(gt, predictions, sorted(evaluated), cat_ids)
-        res["IDSW"], _ = count_id_switches(gt, predictions, self._idsw_score_thresh)
+        res["IDSW"], res["IDSW_frames"] = count_id_switches(
+            gt, predictions, self._idsw_score_thresh
+        )
         return OrderedDict(video_segm=res)

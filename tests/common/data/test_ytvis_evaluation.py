@@ -124,5 +124,5 @@ def test_ground_truth_as_predictions_gives_100(tmp_path):
         ev.process([{"video_id": v["id"]}], [{"frames": frames}])
     res = ev.evaluate()["video_segm"]
     assert res["AP"] == pytest.approx(100) and res["AR10"] == pytest.approx(100)
-    assert res["IDSW"] == 0
+    assert res["IDSW"] == 0 and res["IDSW_frames"] > 0
     assert (tmp_path / "out" / "results.json").exists()

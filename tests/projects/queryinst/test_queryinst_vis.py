@@ -122,7 +122,8 @@ def test_train_net_trains_and_evaluates_video(tmp_path):
     cmd = [
         sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG,
         "DATASETS.SHAPES_VIS.NUM_TRAIN", "4", "DATASETS.SHAPES_VIS.NUM_VAL", "2",
-        "DATASETS.SHAPES_VIS.NUM_FRAMES", "4", "SOLVER.IMS_PER_BATCH", "2",
+        "DATASETS.SHAPES_VIS.NUM_FRAMES", "4", "DATASETS.SHAPES_VIS.IMAGE_SIZE", "48",
+        "INPUT.MIN_SIZE_TRAIN", "(48,)", "INPUT.MIN_SIZE_TEST", "48", "SOLVER.IMS_PER_BATCH", "2",
         "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0",
         "OUTPUT_DIR", str(out),
     ]  # fmt: skip

@@ -7,6 +7,12 @@ webcam in, Detectron2 Visualizer overlays (instance, panoptic or semantic) out.
     python demo/demo.py --config-file CFG.yaml --weights w.pth --video-input v.mp4 --output o.mp4
     python demo/demo.py --config-file CFG.yaml --weights w.pth --webcam [--output cam.mp4]
 
+A video model (online VIS, e.g. ``queryinst_vis_*.yaml``) tracks instances through a video file or
+a folder of frames (one clip, frames in name order) and draws one colour per track::
+
+    python demo/demo.py --config-file VIS.yaml --weights w.pth --clip-input frames/ --output out/
+    python demo/demo.py --config-file VIS.yaml --weights w.pth --video-input v.mp4 --output o.mp4
+
 Comparison mode: several configs (and one weight file each) -> per input, one labelled grid
 "input | model 1 | model 2 | ..." written as ``<stem>_grid.jpg``::
 
@@ -28,13 +34,16 @@ import time
 from collections.abc import Sequence
 
 import cv2
+import numpy as np
 import tqdm
 
 if __package__:  # imported as ``demo.demo`` (the tests)
     from .predictor import (
         SegmentationDemo,
+        VideoTrackDemo,
         compare_on_image,
         frames,
+        is_video_model,
         output_path,
         render_frame,
         setup_cfg,
@@ -42,8 +51,10 @@ if __package__:  # imported as ``demo.demo`` (the tests)
 else:  # run as a script: demo/ is sys.path[0], as in Detectron2's demo
     from predictor import (
         SegmentationDemo,
+        VideoTrackDemo,
         compare_on_image,
         frames,
+        is_video_model,
         output_path,
         render_frame,
         setup_cfg,
@@ -71,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", nargs="+", help="image files, folders or glob patterns")
     src.add_argument("--video-input", help="a video file")
     src.add_argument("--webcam", action="store_true", help="camera 0")
+    src.add_argument("--clip-input", help="a folder of frames of one clip (video models)")
     p.add_argument("--output", help="a folder (or one image/video file); default: show a window")
     p.add_argument("--confidence-threshold", type=float, default=0.5)
     p.add_argument(
@@ -258,13 +270,74 @@ def run_video(demos: list[SegmentationDemo], args: argparse.Namespace) -> int:
     return 0
 
 
+def read_clip(args: argparse.Namespace) -> tuple[list, list[str], float]:
+    """(BGR frames, output names, fps) of --clip-input (a folder) or --video-input (a file)."""
+    if args.clip_input:
+        paths, errors = expand_inputs([args.clip_input])
+        if errors:
+            raise SystemExit(f"error: {'; '.join(errors)}")
+        paths = paths[: args.max_frames] if args.max_frames > 0 else paths
+        return [read_bgr(p) for p in paths], [os.path.basename(p) for p in paths], 10.0
+    capture = cv2.VideoCapture(args.video_input)
+    if not capture.isOpened():
+        raise SystemExit(f"error: cannot open video source {args.video_input!r}")
+    try:
+        fps = capture.get(cv2.CAP_PROP_FPS) or 15.0
+        clip = list(frames(capture, args.max_frames))
+    finally:
+        capture.release()
+    return clip, [f"{i:05d}.jpg" for i in range(len(clip))], fps
+
+
+def run_tracking(args: argparse.Namespace) -> int:
+    """A video model over a clip: overlays with one colour per track, written as images (a
+    folder, for --clip-input) or a video (--video-input), else shown."""
+    if len(args.config_file) != 1:
+        raise SystemExit("error: a video model runs alone (one --config-file)")
+    weights = args.weights[0] if args.weights else None
+    cfg = setup_cfg(args.config_file[0], weights, args.opts, args.confidence_threshold)
+    demo = VideoTrackDemo(cfg, confidence_threshold=args.confidence_threshold)
+    clip, names, fps = read_clip(args)
+    start = time.perf_counter()
+    per_frame, overlays = demo.run_on_frames(clip)
+    tracks = {int(t) for inst in per_frame for t in inst.track_ids}
+    logger.info(
+        "%d frames, %d tracks in %.2fs", len(clip), len(tracks), time.perf_counter() - start
+    )
+    if not args.output:
+        for rgb in overlays:
+            if not show(rgb[:, :, ::-1].copy()):
+                break
+        return 0
+    if args.video_input and os.path.splitext(args.output)[1]:
+        h, w = overlays[0].shape[:2] if overlays else (1, 1)
+        writer = cv2.VideoWriter(args.output, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+        if not writer.isOpened():
+            print(f"error: cannot write video {args.output}", file=sys.stderr)
+            return 1
+        for rgb in overlays:
+            writer.write(np.ascontiguousarray(rgb[:, :, ::-1]))
+        writer.release()
+        return 0
+    for name, rgb in zip(names, overlays):
+        write_image(output_path(args.output, name), rgb[:, :, ::-1])
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(name)s] %(message)s")
+    if args.clip_input or (args.video_input and _is_video_config(args)):
+        return run_tracking(args)
     demos = build_demos(args)
     if args.input:
         return 1 if run_images(demos, args) else 0
     return run_video(demos, args)
+
+
+def _is_video_config(args: argparse.Namespace) -> bool:
+    cfg = setup_cfg(args.config_file[0], None, args.opts, args.confidence_threshold)
+    return is_video_model(cfg)
 
 
 if __name__ == "__main__":

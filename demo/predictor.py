@@ -154,3 +154,84 @@ def output_path(output: str, input_path: str, suffix: str = "") -> str:
         return output
     stem = os.path.splitext(os.path.basename(input_path))[0]
     return os.path.join(output, f"{stem}{suffix}.jpg")
+
+
+# ---- online video instance segmentation (a model with ``inference_video``, e.g. QueryInstVIS) --
+
+
+def is_video_model(cfg: CfgNode) -> bool:
+    """Whether ``cfg``'s meta-architecture tracks whole videos (has ``inference_video``)."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    return hasattr(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), "inference_video")
+
+
+def track_colour(track_id: int) -> np.ndarray:
+    """The colour of a track (RGB in [0, 1]): Detectron2's colormap, one entry per id."""
+    from detectron2.utils.colormap import colormap
+
+    table = colormap(rgb=True, maximum=1)
+    return table[int(track_id) % len(table)]
+
+
+class VideoTrackDemo:
+    """A video model on a clip: per-frame overlays, each track drawn in its own colour and
+    labelled ``#<track id> <class> <score>``."""
+
+    def __init__(self, cfg: CfgNode, confidence_threshold: float = 0.5):
+        from detectron2.data import transforms as T
+        from detectron2.modeling import build_model
+
+        if not cfg.MODEL.WEIGHTS:
+            logger.warning("no MODEL.WEIGHTS given: the video model has random weights")
+        self.cfg = cfg
+        self.threshold = confidence_threshold
+        names = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN
+        self.metadata = MetadataCatalog.get(names[0] if names else "__unused")
+        self.model = build_model(cfg).eval()
+        if cfg.MODEL.WEIGHTS:
+            QSCheckpointer.from_config(cfg, self.model).load(cfg.MODEL.WEIGHTS)
+        self.resize = T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+        )
+
+    def run_on_frames(self, frames_bgr: Sequence[np.ndarray]) -> tuple[list, list[np.ndarray]]:
+        """Run the model online over the frames (equal sizes) and draw every frame.
+
+        Returns:
+            (per-frame Instances with ``track_ids``, per-frame [H,W,3] uint8 RGB overlays).
+        """
+        import torch
+        from detectron2.utils.visualizer import Visualizer
+
+        if not frames_bgr:
+            return [], []
+        h, w = frames_bgr[0].shape[:2]
+        transform = self.resize.get_transform(frames_bgr[0])
+        images = []
+        for f in frames_bgr:
+            if f.shape[:2] != (h, w):
+                raise ValueError(f"clip frames differ in size: {f.shape[:2]} vs {(h, w)}")
+            img = f[:, :, ::-1] if self.cfg.INPUT.FORMAT == "RGB" else f
+            img = transform.apply_image(np.ascontiguousarray(img))
+            images.append(torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1))))
+        with torch.no_grad():
+            per_frame = self.model([{"images": images, "height": h, "width": w}])[0]["frames"]
+        classes = self.metadata.get("thing_classes", None)
+        overlays = []
+        for frame, inst in zip(frames_bgr, per_frame):
+            inst = inst.to("cpu")
+            inst = inst[inst.scores >= self.threshold]
+            labels = [
+                f"#{int(t)} {classes[int(c)] if classes else int(c)} {float(s):.0%}"
+                for t, c, s in zip(inst.track_ids, inst.pred_classes, inst.scores)
+            ]
+            vis = Visualizer(frame[:, :, ::-1], self.metadata)
+            drawn = vis.overlay_instances(
+                masks=inst.pred_masks.numpy(),
+                boxes=inst.pred_boxes.tensor.numpy(),
+                labels=labels,
+                assigned_colors=[track_colour(t) for t in inst.track_ids.tolist()],
+            )
+            overlays.append(drawn.get_image())
+        return per_frame, overlays

@@ -32,7 +32,7 @@ if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
         peak_memory_mb,
         task_of,
     )
-    from .bench_report import COLUMNS, fmt
+    from .bench_report import COLUMNS, VIDEO_COLUMNS, fmt
 else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `tools`)
     from bench_measure import (
         count_gflops,
@@ -42,7 +42,7 @@ else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `
         peak_memory_mb,
         task_of,
     )
-    from bench_report import COLUMNS, fmt
+    from bench_report import COLUMNS, VIDEO_COLUMNS, fmt
 
 logger = logging.getLogger("queryseg.benchmark")
 
@@ -204,6 +204,8 @@ class Measurer:
         from detectron2.data import DatasetCatalog
         from detectron2.data import detection_utils as utils
 
+        if is_video_dataset(cfg.DATASETS.TEST[0]):
+            return video_latency_inputs(cfg, self.settings.input_size)
         if self._latency_image is None:
             self._latency_image = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"]
         image = utils.read_image(self._latency_image, format=cfg.INPUT.FORMAT)
@@ -374,6 +376,44 @@ class Measurer:
         }
 
 
+def is_video_dataset(name: str) -> bool:
+    """Whether a registered dataset holds videos (YouTube-VIS format, ``evaluator_type`` ytvis)."""
+    from detectron2.data import MetadataCatalog
+
+    return MetadataCatalog.get(name).get("evaluator_type") == "ytvis"
+
+
+def video_latency_inputs(cfg, size: int) -> list[dict]:
+    """A video model's fixed batch-1 input: the first test clip, every frame resized to
+    ``size`` x ``size`` (latency and GFLOPs are then per clip; the table says so)."""
+    import cv2
+    from detectron2.data import DatasetCatalog
+    from detectron2.data import detection_utils as utils
+
+    video = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]
+    images = []
+    for path in video["file_names"]:
+        image = cv2.resize(utils.read_image(path, format=cfg.INPUT.FORMAT), (size, size))
+        images.append(torch.as_tensor(image.transpose(2, 0, 1).copy()))
+    return [{"images": images, "height": size, "width": size, "video_id": video["video_id"]}]
+
+
+def dataset_description(cfg) -> str:
+    """The table header's data line for a row: the `shapes` (or `shapes_vis`) settings."""
+    names = (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST)
+    if any(is_video_dataset(n) for n in names):
+        v = cfg.DATASETS.SHAPES_VIS
+        return (
+            f"shapes_vis, preset {v.PRESET}, {v.IMAGE_SIZE} px, {v.NUM_TRAIN} train / "
+            f"{v.NUM_VAL} val clips of {v.NUM_FRAMES} frames (latency, GFLOPs: per clip)"
+        )
+    sh = cfg.DATASETS.SHAPES
+    return (
+        f"shapes, preset {sh.PRESET}, {sh.IMAGE_SIZE} px, {sh.NUM_TRAIN} "
+        f"train / {sh.NUM_VAL} val images"
+    )
+
+
 def row_dir(output_dir: str, index: int, name: str, tag: str = "") -> str:
     """``<output_dir>/rows/<index>_<name>[_<tag>]``: where one row (one seed) runs."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
@@ -458,7 +498,7 @@ def measure_row(
         "config": entry.config,
         "weights": entry.weights or "",
     }
-    row.update({k: None for k, _ in COLUMNS[1:]})
+    row.update({k: None for k, _ in (*COLUMNS[1:], *VIDEO_COLUMNS)})
     row["task"] = "?"
     wall0, cpu0 = time.perf_counter(), time.process_time()
     out_dir = row_dir(measurer.output_dir, bar.row_index, entry.name, tag)
@@ -470,11 +510,7 @@ def measure_row(
         cfg = measurer.build_cfg(entry, out_dir)
         cfg.freeze()
         configure_shapes_from_cfg(cfg, generate=True)
-        sh = cfg.DATASETS.SHAPES
-        measurer.datasets.add(
-            f"shapes, preset {sh.PRESET}, {sh.IMAGE_SIZE} px, {sh.NUM_TRAIN} "
-            f"train / {sh.NUM_VAL} val images"
-        )
+        measurer.datasets.add(dataset_description(cfg))
         sizes = tuple(cfg.INPUT.MIN_SIZE_TRAIN)
         measurer.train_sizes.add(f"{sizes} max {cfg.INPUT.MAX_SIZE_TRAIN}")
         if entry.weights is None:
@@ -564,7 +600,7 @@ def measure_row(
 
 
 #: metric columns that are averaged over seeds
-_METRICS = ("AP", "PQ", "mIoU", "box_AP", "PQ_th", "PQ_st")
+_METRICS = ("AP", "PQ", "mIoU", "box_AP", "PQ_th", "PQ_st", "vAP", "vAR10", "IDSW")
 
 
 def aggregate_seeds(runs: Sequence[dict], seeds: Sequence[int]) -> dict[str, Any]:

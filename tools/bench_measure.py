@@ -37,6 +37,10 @@ METRICS = {
     "PQ": ("panoptic_seg", "PQ"),
     "PQ_th": ("panoptic_seg", "PQ_th"),
     "mIoU": ("sem_seg", "mIoU"),
+    # video instance segmentation (common.data.ytvis_evaluation): mask-tube AP, its own columns
+    "vAP": ("video_segm", "AP"),
+    "vAR10": ("video_segm", "AR10"),
+    "IDSW": ("video_segm", "IDSW"),
 }
 
 
@@ -220,7 +224,9 @@ def extract_metrics(results: dict[str, dict[str, float]]) -> dict[str, float | N
 
 
 def task_of(results: dict[str, Any]) -> str:
-    """ "panoptic" | "instance" | "semantic" from which evaluator produced results."""
+    """ "panoptic" | "instance" | "semantic" | "video" from which evaluator produced results."""
+    if "video_segm" in results:
+        return "video"
     if "panoptic_seg" in results:
         return "panoptic"
     if "segm" in results or "bbox" in results:

@@ -24,6 +24,9 @@ COLUMNS = (
     ("PQ_th", "PQ things"),
     ("mIoU", "mIoU"),
 )
+#: columns added when a row is a video (online VIS) model: YouTube-VIS video AP, AR@10, and
+#: identity switches at score >= 0.3 (common/data/ytvis_evaluation.py)
+VIDEO_COLUMNS = (("vAP", "video AP"), ("vAR10", "video AR@10"), ("IDSW", "ID switches"))
 _DIGITS = {
     "params_m": 2,
     "gflops": 2,
@@ -35,9 +38,19 @@ _DIGITS = {
     "PQ": 1,
     "PQ_th": 1,
     "mIoU": 1,
+    "vAP": 1,
+    "vAR10": 1,
+    "IDSW": 0,
 }
 #: the plot's y axis for each task
-PRIMARY = {"instance": "AP", "panoptic": "PQ", "semantic": "mIoU"}
+PRIMARY = {"instance": "AP", "panoptic": "PQ", "semantic": "mIoU", "video": "vAP"}
+
+
+def columns_for(rows: Sequence[dict]) -> tuple[tuple[str, str], ...]:
+    """The table's columns: ``COLUMNS``, plus ``VIDEO_COLUMNS`` when a row is a video model."""
+    if any(r.get("task") == "video" for r in rows):
+        return COLUMNS + VIDEO_COLUMNS
+    return COLUMNS
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -77,7 +90,14 @@ def render_markdown(
     """The Markdown table with its settings header and footnotes; rows with a ``paper`` value
     (an ablation's reference numbers from the paper) add a last column "Paper"."""
     h = header
-    columns = COLUMNS + ((("paper", "Paper (ref.)"),) if any(r.get("paper") for r in rows) else ())
+    columns = columns_for(rows)
+    video = (
+        " · **video AP / AR@10** YouTube-VIS mask-tube AP, **ID switches** at score >= 0.3"
+        if columns != COLUMNS
+        else ""
+    )
+    if any(r.get("paper") for r in rows):
+        columns = columns + (("paper", "Paper (ref.)"),)
     lines = [
         f"## {title}",
         "",
@@ -90,7 +110,7 @@ def render_markdown(
         "",
         f"**Latency** {h['latency']} · **GFLOPs** {h['gflops']} · **Peak mem** {h['memory']} · "
         f"**Train s/iter** {h['train_s_iter']} · **AP** mask AP (COCO) · **box AP** COCO · "
-        "**PQ** COCO panoptic, **PQ things** its thing classes · **mIoU** semantic",
+        "**PQ** COCO panoptic, **PQ things** its thing classes · **mIoU** semantic" + video,
         "",
         "| " + " | ".join(name for _, name in columns) + " |",
         "|" + "|".join(":---" if k in ("name", "task") else "---:" for k, _ in columns) + "|",
@@ -110,7 +130,7 @@ def render_markdown(
     foot += [
         f"{r['name']}: {k} per seed " + ", ".join(fmt(v, 1) for v in r[f"{k}_runs"])
         for r in rows
-        for k in ("AP", "PQ", "mIoU")
+        for k in ("AP", "PQ", "mIoU", "vAP")
         if r.get(f"{k}_runs")
     ]
     foot += list(notes)
@@ -132,7 +152,7 @@ def _relpath(path: str) -> str:
 
 def write_csv(rows: Sequence[dict], header: dict[str, str], path: str) -> None:
     """One line per row: the table's columns (full precision), config, error, then the header."""
-    keys = [k for k, _ in COLUMNS] + [
+    keys = [k for k, _ in columns_for(rows)] + [
         "wall_s",
         "cpu_s",
         "method",
@@ -165,7 +185,7 @@ def plot_speed_accuracy(rows: Sequence[dict], path: str, *, title: str) -> None:
 
     tasks = [
         t
-        for t in ("instance", "panoptic", "semantic")
+        for t in ("instance", "panoptic", "semantic", "video")
         if any(r.get("task") == t and ok(r.get(PRIMARY[t])) for r in rows)
     ]
     fig, axes = plt.subplots(

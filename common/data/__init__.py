@@ -6,7 +6,8 @@ use, see ``common.data.shapes``).
 
 import warnings
 
-from . import shapes  # noqa: F401  (registers the shapes_* datasets)
+# registers the shapes_*, shapes_vis_* and ytvis_2019_* datasets
+from . import shapes, shapes_vis, ytvis  # noqa: F401
 from .evaluation import build_evaluator
 from .shapes import configure_shapes_from_cfg, register_shapes
 

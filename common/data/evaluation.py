@@ -26,6 +26,7 @@ from PIL import Image
 
 from .cityscapes import CityscapesInstanceEvaluator
 from .shapes import ensure_generated
+from .ytvis_evaluation import YTVISEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def build_evaluator(
     - "cityscapes_instance": the official Cityscapes instance evaluation
       (:class:`common.data.cityscapes.CityscapesInstanceEvaluator`, needs ``cityscapesscripts``)
       for "segm", and ``COCOEvaluator`` for "bbox" (the official script scores masks only).
+    - "ytvis": ``YTVISEvaluator`` (video AP of mask tubes; needs "segm").
 
     Args:
         cfg: config with ``TEST.EVAL_TASKS`` (see ``common.engine.defaults.add_common_config``).
@@ -154,10 +156,18 @@ def build_evaluator(
             )
         return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
+    if evaluator_type == "ytvis":  # video instances: mask-tube AP (masks only, no box AP)
+        if "segm" not in tasks:
+            raise ValueError(
+                f"dataset {dataset_name!r} (evaluator_type 'ytvis') is evaluated on 'segm', but "
+                f"cfg.TEST.EVAL_TASKS={tasks!r} has none"
+            )
+        return YTVISEvaluator(dataset_name, output_dir=output_folder)
+
     raise ValueError(
         f"no evaluator for dataset {dataset_name!r}: its metadata evaluator_type is "
         f"{evaluator_type!r}; supported: 'coco', 'coco_panoptic_seg', 'sem_seg', "
-        "'cityscapes_instance'"
+        "'cityscapes_instance', 'ytvis'"
     )
 
 

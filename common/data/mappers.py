@@ -10,6 +10,9 @@
 - ``"semantic"``: image + ``sem_seg`` [H,W] long (ignore = ``ignore_label``) + ``instances`` with
   one mask per class present (Mask2Former's semantic format).
 - ``"detectron2"``: Detectron2's own :class:`DatasetMapper` (baselines, Panoptic FPN).
+- ``"video_instance"``: a YouTube-VIS video dict (``common.data.ytvis``) -> a few frames of the
+  clip (all of them at test time) under one augmentation, each with its ``instances`` and their
+  track ids (``gt_ids``).
 
 All of them run the same augmentation list (:func:`build_augmentation`), so methods that share a
 base config read identical batches for the same seed.
@@ -51,14 +54,16 @@ logger = logging.getLogger(__name__)
 
 
 def build_mapper(cfg: CfgNode, is_train: bool = True):
-    """Build the mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME`` (training) or the test mapper."""
-    if not is_train:
-        return TestDatasetMapper(cfg, is_train=False)
+    """Build the mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME`` (training) or the test mapper
+    (Detectron2's, unless the named mapper declares ``serves_test``: e.g. the video mapper)."""
     name = cfg.INPUT.DATASET_MAPPER_NAME
     if name not in MAPPER_REGISTRY:
         known = ", ".join(sorted(k for k, _ in MAPPER_REGISTRY))
         raise KeyError(f"INPUT.DATASET_MAPPER_NAME={name!r} is not a registered mapper ({known})")
-    return MAPPER_REGISTRY.get(name)(cfg, is_train=True)
+    mapper = MAPPER_REGISTRY.get(name)
+    if not is_train and not getattr(mapper, "serves_test", False):
+        return TestDatasetMapper(cfg, is_train=False)
+    return mapper(cfg, is_train=is_train)
 
 
 def _masks_to_instances(
@@ -240,3 +245,107 @@ class SemanticDatasetMapper(_BaseMapper):
 def _detectron2_mapper(cfg: CfgNode, is_train: bool = True) -> DatasetMapper:
     """Detectron2's own DatasetMapper (used by the Mask R-CNN / Panoptic FPN baselines)."""
     return DatasetMapper(cfg, is_train=is_train)
+
+
+def _frame_rle(segm: dict, height: int, width: int) -> dict:
+    """An uncompressed RLE (``counts`` a list, as YouTube-VIS releases them) made compressed."""
+    if isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+        import pycocotools.mask as mask_util
+
+        return mask_util.frPyObjects(segm, height, width)
+    return segm
+
+
+@register_mapper("video_instance")
+class VideoInstanceDatasetMapper(_BaseMapper):
+    """YouTube-VIS video dict -> ``NUM_FRAMES`` frames of the clip, in temporal order, under one
+    augmentation drawn once per clip (so a flip or a scale holds for every frame).
+
+    Training samples a random reference frame and the other frames within
+    ``SAMPLING_FRAME_RANGE`` of it (MaskTrack R-CNN's reference-frame sampling, generalised to
+    ``NUM_FRAMES``; with replacement when the clip is too short); testing returns every frame.
+    Output: ``images`` (list of [3,H,W] uint8), ``frame_indices``, ``file_names``, ``video_id``,
+    ``length``, ``height``/``width`` and, in training, ``instances``: one Instances per frame
+    with ``gt_classes``, ``gt_masks`` (BitMasks), ``gt_boxes`` (from the masks) and ``gt_ids``
+    (the track ids, constant across frames).
+    """
+
+    serves_test = True
+
+    @configurable
+    def __init__(self, *, num_frames: int, sampling_frame_range: int, **kwargs):
+        """
+        Args:
+            num_frames: frames per training sample (>= 1).
+            sampling_frame_range: the sampled frames lie within this distance of the reference.
+            kwargs: :class:`_BaseMapper`'s arguments.
+        """
+        super().__init__(**kwargs)
+        if num_frames < 1 or sampling_frame_range < 0:
+            raise ValueError(
+                f"INPUT.VIDEO.NUM_FRAMES={num_frames} must be >= 1 and "
+                f"INPUT.VIDEO.SAMPLING_FRAME_RANGE={sampling_frame_range} >= 0"
+            )
+        self.num_frames = num_frames
+        self.sampling_frame_range = sampling_frame_range
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict[str, Any]:
+        ret = super().from_config(cfg, is_train)
+        ret["num_frames"] = cfg.INPUT.VIDEO.NUM_FRAMES
+        ret["sampling_frame_range"] = cfg.INPUT.VIDEO.SAMPLING_FRAME_RANGE
+        return ret
+
+    def sample_frames(self, length: int) -> list[int]:
+        """Sorted frame indices of one training sample (global NumPy RNG, for exact resume)."""
+        ref = int(np.random.randint(length))
+        lo = max(0, ref - self.sampling_frame_range)
+        hi = min(length, ref + self.sampling_frame_range + 1)
+        others = [i for i in range(lo, hi) if i != ref] or [ref]
+        k = self.num_frames - 1
+        picked = np.random.choice(others, size=k, replace=len(others) < k).tolist()
+        return sorted([ref, *picked])
+
+    def __call__(self, video: dict) -> dict:
+        length = int(video["length"])
+        frames = self.sample_frames(length) if self.is_train else list(range(length))
+        out = {k: video[k] for k in ("video_id", "length", "height", "width") if k in video}
+        out["frame_indices"] = frames
+        out["file_names"] = [video["file_names"][f] for f in frames]
+        images, instances, transforms = [], [], None
+        for f in frames:
+            image = read_image_checked(video["file_names"][f], self.image_format)
+            utils.check_image_size({**out, "file_name": video["file_names"][f]}, image)
+            if transforms is None:  # drawn on the first frame, applied to all
+                aug_input = T.AugInput(image)
+                transforms = self.augmentations(aug_input)
+                image = aug_input.image
+            else:
+                image = transforms.apply_image(image)
+            images.append(torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))))
+            if self.is_train:
+                instances.append(self._frame_instances(video, f, transforms, image.shape[:2]))
+        out["images"] = images
+        if self.is_train:
+            out["instances"] = instances
+        return out
+
+    def _frame_instances(
+        self, video: dict, frame: int, transforms: T.TransformList, image_shape: tuple[int, int]
+    ) -> Instances:
+        annos = [
+            dict(a, segmentation=_frame_rle(a["segmentation"], video["height"], video["width"]))
+            for a in video["annotations"][frame]
+            if a.get("iscrowd", 0) == 0
+        ]
+        validate_annotations(annos, video["file_names"][frame], need_masks=True)
+        annos = [utils.transform_instance_annotations(a, transforms, image_shape) for a in annos]
+        if not annos:
+            inst = _masks_to_instances(np.zeros((0, *image_shape), bool), [], image_shape)
+            inst.gt_ids = torch.zeros((0,), dtype=torch.int64)
+            return inst
+        inst = utils.annotations_to_instances(annos, image_shape, mask_format="bitmask")
+        inst.gt_ids = torch.as_tensor([a["id"] for a in annos], dtype=torch.int64)
+        inst = inst[inst.gt_masks.tensor.flatten(1).sum(1) >= self.min_instance_area]
+        inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+        return inst

@@ -61,6 +61,7 @@ from detectron2.data.datasets import (
 )
 
 from . import shapes_gen as gen
+from . import shapes_vis
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ def ensure_generated(dataset_name: str) -> bool:
         True if ``dataset_name`` is a ``shapes`` dataset (now on disk), False for any other name.
     """
     if dataset_name not in _REGISTERED:
-        return False
+        return shapes_vis.ensure_generated(dataset_name)
     ensure_split(*_REGISTERED[dataset_name])
     return True
 
@@ -439,6 +440,8 @@ def configure_shapes_from_cfg(cfg, generate: bool = False) -> ShapesSpec:
     )
     spec = register_shapes(**kwargs)
     register_shapes(**{**kwargs, "prefix": f"shapes_{kwargs['preset']}"})
+    if cfg.DATASETS.get("SHAPES_VIS") is not None:
+        shapes_vis.configure_shapes_vis_from_cfg(cfg)
     if generate:
         for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
             ensure_generated(name)

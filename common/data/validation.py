@@ -147,7 +147,10 @@ def _validate_records(name: str, dicts: list[dict], need_masks: bool) -> None:
     meta = MetadataCatalog.get(name)
     json_file = getattr(meta, "json_file", None) if hasattr(meta, "json_file") else None
     for d in dicts:
-        annos = [a for a in d.get("annotations", []) if a.get("iscrowd", 0) == 0]
+        annos = d.get("annotations", [])
+        if "file_names" in d:  # a video (common.data.ytvis): one list of annotations per frame
+            annos = [a for frame in annos for a in frame]
+        annos = [a for a in annos if a.get("iscrowd", 0) == 0]
         for anno in annos:
             problem = annotation_problem(anno, need_masks)
             if not problem:
@@ -157,6 +160,10 @@ def _validate_records(name: str, dicts: list[dict], need_masks: bool) -> None:
                 found = _annotation_ids(json_file, d.get("image_id"), anno["bbox"])
                 ids = found[0] if len(found) == 1 else "/".join(map(str, found)) or "?"
             src = f"{json_file}: " if json_file else f"dataset {name}: "
+            if "file_names" in d:
+                raise DataError(
+                    f"{src}annotation id={ids} of video id={d.get('video_id')}{problem}"
+                )
             raise DataError(
                 f"{src}annotation id={ids} of image {d['file_name']} "
                 f"(image id={d.get('image_id', '?')}){problem}"
@@ -286,7 +293,7 @@ def load_train_dicts(cfg: CfgNode, need_masks: bool) -> list[dict]:
     for name, ds in zip(names, per_name):
         _validate_records(name, ds, need_masks)
     dicts = [d for ds in per_name for d in ds]
-    if "annotations" in dicts[0]:
+    if "annotations" in dicts[0] and "file_names" not in dicts[0]:  # images, not videos
         if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
             dicts = filter_images_with_only_crowd_annotations(dicts)
         if cfg.MODEL.KEYPOINT_ON and cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE > 0:

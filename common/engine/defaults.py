@@ -120,3 +120,19 @@ def add_common_config(cfg: CN) -> None:
     # how hard the scenes are: "standard" (class-coloured, flat stuff, mild occlusion) or "hard"
     # (random textures, occlusion to 10 % visible, small shapes); see common/data/shapes_gen.py
     cfg.DATASETS.SHAPES.PRESET = "standard"
+    # the built-in synthetic video dataset `shapes_vis` (common/data/shapes_vis.py): clips of
+    # moving `shapes` objects in YouTube-VIS 2019 JSON, registered as shapes_vis_{train,val}
+    cfg.DATASETS.SHAPES_VIS = CN()
+    cfg.DATASETS.SHAPES_VIS.IMAGE_SIZE = 64  # square frames, pixels
+    cfg.DATASETS.SHAPES_VIS.NUM_TRAIN = 120  # clips
+    cfg.DATASETS.SHAPES_VIS.NUM_VAL = 20
+    cfg.DATASETS.SHAPES_VIS.NUM_FRAMES = 8  # frames per clip
+    cfg.DATASETS.SHAPES_VIS.SEED = 0
+    cfg.DATASETS.SHAPES_VIS.PRESET = "standard"  # a shapes preset: how objects are drawn
+
+    # ---- video clips (the "video_instance" mapper, common/data/mappers.py) ------------------
+    cfg.INPUT.VIDEO = CN()
+    # Frames of one clip per training sample, fed to the model in temporal order.
+    cfg.INPUT.VIDEO.NUM_FRAMES = 2
+    # The sampled frames lie within this many frames of a random reference frame.
+    cfg.INPUT.VIDEO.SAMPLING_FRAME_RANGE = 5

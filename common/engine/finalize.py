@@ -52,6 +52,7 @@ _EVALUATOR_TASK = {
     "coco": "instance",
     "lvis": "instance",
     "cityscapes_instance": "instance",
+    "ytvis": "instance",  # video instances (YouTube-VIS)
     "coco_panoptic_seg": "panoptic",
     "cityscapes_panoptic_seg": "panoptic",
     "sem_seg": "semantic",
@@ -268,12 +269,17 @@ class ConfigFinalizer:
 
     # ---- what follows from the task -----------------------------------------------------
     def finish(self) -> None:
-        """Derive ``INPUT.DATASET_MAPPER_NAME`` and ``TEST.EVAL_TASKS`` from the task."""
+        """Derive ``INPUT.DATASET_MAPPER_NAME`` and ``TEST.EVAL_TASKS`` from the task (and, for
+        a video dataset, ``evaluator_type`` "ytvis", the ``video_instance`` mapper)."""
         task = self.task
+        name = self._dataset()
+        video = name is not None and (
+            getattr(MetadataCatalog.get(name), "evaluator_type", None) == "ytvis"
+        )
         self.derive(
             "INPUT.DATASET_MAPPER_NAME",
-            task,
-            "MODEL.TASK",
+            "video_instance" if video else task,
+            f"the video dataset {name!r}" if video else "MODEL.TASK",
             agrees=lambda name: name == task or name not in _TASK_MAPPERS,
         )
 

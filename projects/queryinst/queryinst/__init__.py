@@ -2,5 +2,6 @@
 
 from .config import add_queryinst_config, finalize_queryinst_config
 from .queryinst import QueryInst
+from .vis import QueryInstVIS
 
-__all__ = ["add_queryinst_config", "finalize_queryinst_config", "QueryInst"]
+__all__ = ["add_queryinst_config", "finalize_queryinst_config", "QueryInst", "QueryInstVIS"]

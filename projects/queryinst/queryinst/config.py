@@ -7,7 +7,7 @@ def finalize_queryinst_config(cfg: CN, fin) -> None:
     """Derive QueryInst's keys at config finalisation (``common.engine.finalize``): the
     deprecated ``MODEL.QUERYINST.NUM_CLASSES`` follows ``MODEL.NUM_CLASSES``; the task must be
     "instance"."""
-    if cfg.MODEL.META_ARCHITECTURE != "QueryInst":
+    if cfg.MODEL.META_ARCHITECTURE not in ("QueryInst", "QueryInstVIS"):
         return
     fin.num_classes_alias("MODEL.QUERYINST.NUM_CLASSES")
     if fin.task != "instance":
@@ -80,3 +80,20 @@ def add_queryinst_config(cfg: CN) -> None:
     q.STAGE_LOSS_WEIGHTS = []
     # Probability threshold of the pasted masks at inference.
     q.MASK_THRESHOLD = 0.5
+
+    # ---- online video instance segmentation (QueryInstVIS, queryinst/vis.py) --------------
+    q.VIS = CN()
+    # Width of the association embedding the tracking head computes from each query.
+    q.VIS.EMBED_DIM = 256
+    # Hidden [Linear, ReLU] layers of the tracking head before its output layer.
+    q.VIS.NUM_FCS = 1
+    # Weight of the association loss (MaskTrack R-CNN's cross-entropy over "new" + the
+    # previous frame's matched queries).
+    q.VIS.TRACK_WEIGHT = 1.0
+    # A query is a detection of a frame when its best class score reaches this.
+    q.VIS.SCORE_THRESH = 0.05
+    # Association score = log softmax(embedding similarity) + DET_SCORE * log(score) +
+    # IOU * box IoU + LABEL * [same class] (MaskTrack R-CNN's cues and mmtracking's weights).
+    q.VIS.MATCH_DET_SCORE_WEIGHT = 1.0
+    q.VIS.MATCH_IOU_WEIGHT = 2.0
+    q.VIS.MATCH_LABEL_WEIGHT = 10.0

@@ -201,6 +201,23 @@ class QueryInst(nn.Module):
             proposal_features: [B, N, C] initial proposal features.
             targets: B dicts (``labels``, ``boxes``, ``masks``, ``image_size``).
         """
+        outputs, _ = self.train_stages(features, boxes, proposal_features, targets)
+        return self.criterion(outputs, targets)
+
+    def train_stages(
+        self,
+        features: list[Tensor],
+        boxes: Tensor,
+        proposal_features: Tensor,
+        targets: list[dict[str, Any]],
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The stage loop of :meth:`forward_train` without the criterion.
+
+        Returns:
+            the criterion's input (last stage's outputs with ``pred_matching_indices`` and
+            ``aux_outputs``) and the last stage's raw outputs (``object_features`` [B, N, C],
+            ``pred_boxes`` [B, N, 4], ...), e.g. for a tracking head.
+        """
         stage_outputs = []
         for stage in range(self.roi_head.num_stages):
             out = self.roi_head.box_stage(stage, features, boxes, proposal_features)
@@ -215,7 +232,7 @@ class QueryInst(nn.Module):
             boxes = out["pred_boxes"].detach()
             proposal_features = out["object_features"]
         outputs = dict(stage_outputs[-1], aux_outputs=stage_outputs[:-1])
-        return self.criterion(outputs, targets)
+        return outputs, out
 
     def _matched_mask_logits(
         self,

@@ -38,6 +38,12 @@ def add_common_config(cfg: CN) -> None:
     # Load checkpoints with full pickle instead of weights_only (only for files you trust).
     cfg.MODEL.WEIGHTS_TRUSTED = False
 
+    # ---- inference fast path (common.modeling.fast_inference, docs/benchmark.md "Runtimes") --
+    # Inference only: fold frozen BatchNorm into the convolutions, channels-last memory format,
+    # fused attention, and method-specific post-processing of only the selected queries (same
+    # results). Applied after the weights are loaded (demo --fast, benchmark --runtime fast).
+    cfg.MODEL.FAST_INFERENCE = False
+
     # ---- data pipeline -------------------------------------------------------------------
     # Name of the training dataset mapper in common.data.MAPPER_REGISTRY:
     # "instance" | "panoptic" | "semantic" | "detectron2" (Detectron2's own DatasetMapper).

@@ -4,8 +4,11 @@
 
 - folds every frozen / eval-mode BatchNorm that follows a convolution into that convolution
   (Detectron2's ``Conv2d(norm=...)`` and ``Sequential(conv, bn)`` pairs): one op less per layer;
-- converts the model to the channels-last memory format (oneDNN's native layout on CPU, and
-  what lets the 1 x 1 convolutions leave the slow im2col path at batch 1);
+- converts the model to the channels-last memory format (oneDNN's native layout on CPU) and,
+  on the CPU, runs every convolution through oneDNN (``torch.mkldnn_convolution``): PyTorch's
+  dispatcher sends 1 x 1 convolutions at batch 1 and one thread to its generic
+  ``_slow_conv2d_forward`` (im2col + GEMM), about 2x slower than oneDNN in channels-last
+  here; while traced for export the plain ``F.conv2d`` is recorded;
 - leaves attention as it is: every ``nn.MultiheadAttention`` of the four methods is called
   with ``need_weights=False`` and so already runs PyTorch's fused
   ``scaled_dot_product_attention`` kernel in inference.
@@ -21,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import nn
 
 __all__ = ["fold_batchnorm", "prepare_fast_inference", "fast_inference"]
@@ -86,13 +89,56 @@ def fold_batchnorm(model: nn.Module) -> int:
     return count
 
 
+def _onednn_forward(conv: nn.Conv2d):
+    """A forward for ``conv`` (plain or Detectron2's, with its norm and activation) that calls
+    oneDNN directly on CPU float32 inputs outside tracing, else the module's own forward."""
+    plain = conv.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or x.dim() != 4
+            or torch.jit.is_tracing()
+            or torch.is_grad_enabled()
+        ):
+            return plain(x)
+        y = torch.mkldnn_convolution(
+            x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups
+        )
+        norm, act = getattr(conv, "norm", None), getattr(conv, "activation", None)
+        if norm is not None:
+            y = norm(y)
+        if act is not None:
+            y = act(y)
+        return y
+
+    return forward
+
+
+def use_onednn_convolutions(model: nn.Module) -> int:
+    """Route every zero-padded ``nn.Conv2d`` of ``model`` through :func:`_onednn_forward` (in
+    place; inference without autograd only). Returns the count."""
+    count = 0
+    for m in model.modules():
+        if type(m).forward in (nn.Conv2d.forward, Conv2d.forward) and m.padding_mode == "zeros":
+            if isinstance(m.padding, str):
+                continue
+            m.forward = _onednn_forward(m)
+            count += 1
+    return count
+
+
 def prepare_fast_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
-    """Eval mode, BatchNorm folded, channels-last weights; in place, returns ``model``.
-    Call it after loading the weights (a folded model no longer matches a checkpoint)."""
+    """Eval mode, BatchNorm folded, channels-last weights, oneDNN convolutions; in place,
+    returns ``model``. Call it after loading the weights (a folded model no longer matches a
+    checkpoint)."""
     model.eval()
     model.queryseg_folded_batchnorms = fold_batchnorm(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+        if torch.backends.mkldnn.is_available():
+            model.queryseg_onednn_convolutions = use_onednn_convolutions(model)
     model.queryseg_fast_inference = True
     return model
 

@@ -34,7 +34,7 @@ from common.modeling.meta_arch import (
 
 from .inference import (
     instance_inference,
-    instances_from_probs,
+    instances_from_unique_probs,
     panoptic_inference,
     select_topk,
     semantic_inference,
@@ -340,7 +340,11 @@ class FastInst(nn.Module):
             masks = F.interpolate(
                 low_res[queries][None], size=padded, mode="bilinear", align_corners=False
             )[0]
-            masks = sem_seg_postprocess(masks, image_size, height, width)
-            probs = masks.float().sigmoid()[inverse]
-            results.append({"instances": instances_from_probs(scores, labels, probs)})
+            if (height, width) == tuple(image_size):  # the resize would be an exact copy
+                masks = masks[:, : image_size[0], : image_size[1]]
+            else:
+                masks = sem_seg_postprocess(masks, image_size, height, width)
+            probs = masks.float().sigmoid()
+            instances = instances_from_unique_probs(scores, labels, probs, inverse)
+            results.append({"instances": instances})
         return results

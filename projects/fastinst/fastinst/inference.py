@@ -19,6 +19,7 @@ __all__ = [
     "instance_inference",
     "select_topk",
     "instances_from_probs",
+    "instances_from_unique_probs",
     "semantic_inference",
     "panoptic_inference",
     "thing_class_ids",
@@ -94,6 +95,26 @@ def instances_from_probs(scores: Tensor, labels: Tensor, probs: Tensor) -> Insta
     result.pred_masks = binary
     result.pred_boxes = Boxes(masks_to_boxes(binary))
     result.scores = scores * mask_scores
+    result.pred_classes = labels
+    return result
+
+
+def instances_from_unique_probs(
+    scores: Tensor, labels: Tensor, probs: Tensor, inverse: Tensor
+) -> Instances:
+    """:func:`instances_from_probs` with ``probs`` given once per distinct query: [U, H, W]
+    and ``inverse`` [K] mapping each pair to its query's row. The mask score, binary mask and
+    box are computed per query (they do not depend on the class) and gathered: the same
+    values as :func:`instances_from_probs` on ``probs[inverse]`` (``where`` for the product
+    with the bool mask and ``count_nonzero`` for its sum give the same numbers without
+    materialising float/int64 copies of the masks)."""
+    binary = probs > 0.5
+    kept = torch.where(binary, probs, probs.new_zeros(())).flatten(1).sum(1)
+    mask_scores = kept / (torch.count_nonzero(binary.flatten(1), dim=1) + 1e-6)
+    result = Instances(tuple(probs.shape[-2:]))
+    result.pred_masks = binary[inverse]
+    result.pred_boxes = Boxes(masks_to_boxes(binary)[inverse])
+    result.scores = scores * mask_scores[inverse]
     result.pred_classes = labels
     return result
 

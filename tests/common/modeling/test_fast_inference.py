@@ -105,13 +105,17 @@ def test_fast_path_equals_eager(name, shapes_tiny_env):
         assert report["sem_seg_diff"] < 1e-4 and report["sem_seg_argmax_agreement"] == 1.0
 
 
-def test_fastinst_selected_query_postprocessing_is_identical(shapes_tiny_env):
+@pytest.mark.parametrize("output_size", [None, (50, 70)], ids=["input_size", "resized"])
+def test_fastinst_selected_query_postprocessing_is_identical(output_size, shapes_tiny_env):
     """Same raw outputs: upsampling only the kept queries gives bit-identical instances."""
     cfg = export_model.setup_cfg(CONFIGS["fastinst"], shapes_tiny_env.cfg_opts)
     torch.manual_seed(0)
     model = export_model.build_eval_model(cfg)
     inputs = export_model.sample_inputs(cfg)
-    inputs[0]["height"], inputs[0]["width"] = 50, 70  # a resize to another output size too
+    if output_size is None:
+        del inputs[0]["height"], inputs[0]["width"]
+    else:
+        inputs[0]["height"], inputs[0]["width"] = output_size
     with torch.no_grad():
         images, sizes = core_inputs(model, inputs)
         raw = model.inference_core(images.tensor, sizes)

@@ -41,6 +41,9 @@ RUNTIME_MODELS = {
     "QueryInst R50": ("projects/queryinst/configs/queryinst_R50_FPN_1x_coco.yaml", (800, 1067)),
     "EmbedMask R50": ("projects/embedmask/configs/embedmask_R50_1x_coco.yaml", (800, 1067)),
 }
+#: per-model overrides: a randomly initialised FCOS scores below 0.05 (its prior is 0.01), so
+#: EmbedMask runs at threshold 0 to post-process its full 100 detections as a trained model does
+RUNTIME_OPTS = {"EmbedMask R50": ["MODEL.FCOS.INFERENCE_TH", "0.0"]}
 
 
 @dataclasses.dataclass
@@ -241,7 +244,8 @@ def _agreement_text(report: dict[str, float]) -> str:
     if "count_a" in report:
         same = report["count_a"] == report["count_b"] and report["class_agreement"] == 1.0
         verdict = "same" if same else "DIFFERENT"
-        return f"{verdict} ({int(report['count_b'])} inst, mask IoU >= {report['mask_iou']:.4f})"
+        text = f"{verdict} ({int(report['count_b'])} inst, mask IoU >= {report['mask_iou']:.4f}"
+        return text + f", box diff {report.get('box_diff', 0.0):.2g} px)"
     if "panoptic_pixel_agreement" in report:
         return f"pixels {report['panoptic_pixel_agreement']:.4f}"
     if "sem_seg_argmax_agreement" in report:
@@ -303,8 +307,9 @@ def run(
     rows = []
     for name in models:
         config, size = RUNTIME_MODELS[name]
+        model_opts = [*RUNTIME_OPTS.get(name, []), *opts]
         rows += measure_model(
-            name, os.path.join(repo, config), size, runtimes, threads, iters, opts, rates
+            name, os.path.join(repo, config), size, runtimes, threads, iters, model_opts, rates
         )
     out = [
         f"torch {torch.__version__}, CPU, batch 1, random weights, median of {iters} calls; "
@@ -321,3 +326,37 @@ def run(
                 out.append(profile_top_ops(os.path.join(repo, config), size, fast, 1, opts=opts))
                 out.append("```")
     return "\n".join(out)
+
+
+def compile_probe(config: str, size: tuple[int, int], threads: int, iters: int = 3, opts=()) -> str:
+    """Whether ``torch.compile`` helps on this machine: the fast model's backbone (most of the
+    convolution time) eager vs ``torch.compile`` (inductor), latency and compile time."""
+    torch.set_num_threads(threads)
+    model = build_model(config, opts, fast=True)
+    from common.modeling.export import core_inputs
+
+    images, _ = core_inputs(model, sample_input(size))
+    x = images.tensor
+    backbone = model.backbone
+
+    def eager_fn():
+        with torch.inference_mode():
+            return backbone(x)
+
+    eager_ms = _time(eager_fn, iters)
+    compiled = torch.compile(backbone)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        compiled(x)
+    compile_s = time.perf_counter() - t0
+
+    def compiled_fn():
+        with torch.inference_mode():
+            return compiled(x)
+
+    compiled_ms = _time(compiled_fn, iters)
+    return (
+        f"torch.compile probe ({threads} thread(s), backbone of {os.path.basename(config)} at "
+        f"{size[0]}x{size[1]}): fast eager {eager_ms:.0f} ms, compiled {compiled_ms:.0f} ms "
+        f"(x{eager_ms / compiled_ms:.2f}), first compiled call {compile_s:.0f} s"
+    )

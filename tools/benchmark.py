@@ -45,7 +45,7 @@ if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
         train_parallel,
     )
     from .bench_report import plot_speed_accuracy, render_markdown, write_csv, write_grid
-    from .bench_runtime import RUNTIME_MODELS, RUNTIMES
+    from .bench_runtime import RUNTIME_MODELS, RUNTIMES, compile_probe
     from .bench_runtime import run as run_runtimes
 else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `tools`)
     from bench_core import (
@@ -57,7 +57,7 @@ else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `
         train_parallel,
     )
     from bench_report import plot_speed_accuracy, render_markdown, write_csv, write_grid
-    from bench_runtime import RUNTIME_MODELS, RUNTIMES
+    from bench_runtime import RUNTIME_MODELS, RUNTIMES, compile_probe
     from bench_runtime import run as run_runtimes
 
 logger = logging.getLogger("queryseg.benchmark")
@@ -454,6 +454,9 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--runtime-threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops (1 thread)")
+    p.add_argument(
+        "--compile-probe", action="store_true", help="also time torch.compile on the backbone"
+    )
 
 
 def runtime_main(args: argparse.Namespace) -> int:
@@ -470,6 +473,12 @@ def runtime_main(args: argparse.Namespace) -> int:
         profile=args.profile,
         repo=REPO,
     )
+    if args.compile_probe:
+        for name in args.runtime_models:
+            config, size = RUNTIME_MODELS[name]
+            for t in args.runtime_threads:
+                probe = compile_probe(os.path.join(REPO, config), size, t, opts=args.opts)
+                text += "\n\n" + probe
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "runtimes.md"), "w") as f:
         f.write(text + "\n")

@@ -232,6 +232,9 @@ def _instances_agreement(a, b) -> dict[str, float]:
         return out
     out["class_agreement"] = float((a.pred_classes[:n] == b.pred_classes[:n]).float().mean())
     out["score_diff"] = float((a.scores[:n] - b.scores[:n]).abs().max())
+    if a.has("pred_boxes") and b.has("pred_boxes"):
+        box_diff = (a.pred_boxes.tensor[:n] - b.pred_boxes.tensor[:n]).abs().max()
+        out["box_diff"] = float(box_diff)
     ma, mb = a.pred_masks[:n].flatten(1), b.pred_masks[:n].flatten(1)
     inter = (ma & mb).sum(1).float()
     union = (ma | mb).sum(1).float()
@@ -241,7 +244,8 @@ def _instances_agreement(a, b) -> dict[str, float]:
 
 def compare_results(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, float]:
     """Agreement of two runs' final results (per image, the worst value over images):
-    instances: counts, class agreement, min mask IoU, max score difference (paired in order);
+    instances: counts, class agreement, min mask IoU, max score and box differences (paired in
+    order);
     sem_seg: max probability difference and the fraction of equal argmax pixels;
     panoptic: the fraction of equal segment-id pixels and whether the segment lists agree."""
     report: dict[str, float] = {}
@@ -255,7 +259,7 @@ def compare_results(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[st
     for ra, rb in zip(a, b):
         if "instances" in ra:
             for k, v in _instances_agreement(ra["instances"], rb["instances"]).items():
-                worst(k, v, lower_is_worse=k not in ("score_diff",))
+                worst(k, v, lower_is_worse=k not in ("score_diff", "box_diff"))
         if "sem_seg" in ra:
             sa, sb = ra["sem_seg"], rb["sem_seg"]
             worst("sem_seg_diff", float((sa - sb).abs().max()), lower_is_worse=False)

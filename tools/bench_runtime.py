@@ -10,7 +10,8 @@ official test size (a COCO 4:3 image resized to the test short side) runs throug
 - ``onnxruntime``: the inference core exported to ONNX (``common.modeling.export``) in
   onnxruntime's CPU provider, then the model's own post-processing (its fast variant).
 
-Reported per row: median latency of ``--timing-iters`` calls after one warm-up, the speed-up
+Reported per row: median latency of ``--timing-iters`` calls after one warm-up (the runtimes
+interleaved call by call, so that other load on a shared machine hits them alike), the speed-up
 over eager at the same thread count, peak memory (``bench_measure.peak_memory_mb``; for
 onnxruntime the torch model's weight bytes stand for the session's copy), GFLOP/s (2 FLOPs per
 multiply-add of fvcore's count of one forward, divided by the latency) and its fraction of the
@@ -161,6 +162,20 @@ def _time(fn, iters: int) -> float:
     return times[len(times) // 2] * 1e3
 
 
+def _time_interleaved(fns: dict[str, Any], iters: int) -> dict[str, float]:
+    """Median ms of each call, the runtimes interleaved round by round (one warm-up round):
+    on a shared machine, load that comes and goes hits every runtime alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+
+
 def measure_model(
     name: str,
     config: str,
@@ -193,6 +208,7 @@ def measure_model(
         for t in threads:
             rate = (conv_rates or {}).get(t) or conv_rate(t)
             torch.set_num_threads(t)
+            runs = {}  # runtime -> (call, model, raw outputs)
             for runtime in runtimes:
                 if runtime == "eager":
 
@@ -200,32 +216,32 @@ def measure_model(
                         with torch.no_grad():
                             return m(inputs)
 
-                    model, raw = eager, ref_raw
+                    runs[runtime] = (fn, eager, ref_raw)
                 elif runtime == "fast":
 
                     def fn(m=fast):
                         return fast_inference(m, inputs)
 
-                    model, raw = fast, _raw(fast, inputs)
+                    runs[runtime] = (fn, fast, _raw(fast, inputs))
                 elif runtime == "onnxruntime":
                     runner = _OnnxRunner(fast, inputs, t, folder)
 
                     def fn(r=runner):
                         return r(inputs)
 
-                    model, raw = fast, runner.raw(inputs)[0]
+                    runs[runtime] = (fn, fast, runner.raw(inputs)[0])
                 else:
                     raise ValueError(f"--runtime must be among {RUNTIMES}, got {runtime!r}")
-                latency = _time(fn, iters)
+            latencies = _time_interleaved({k: v[0] for k, v in runs.items()}, iters)
+            for runtime, (fn, model, raw) in runs.items():
                 peak, _ = peak_memory_mb(fn, model, device)
-                results = fn()
-                agreement = compare_results(reference, results)
+                agreement = compare_results(reference, fn())
                 rows.append(
                     RuntimeRow(
                         model=name,
                         runtime=runtime,
                         threads=t,
-                        latency_ms=latency,
+                        latency_ms=latencies[runtime],
                         peak_mb=peak,
                         gflop=gflop,
                         conv_gflops=rate,

@@ -187,6 +187,8 @@ def onnxruntime_session(
             "onnxruntime is not installed: pip install onnxruntime (or .[export])"
         ) from e
     options = ort.SessionOptions()
+    # no busy-waiting between runs: the Python post-processing shares the cores with the pool
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads > 0:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -23,9 +23,26 @@ SHAPES = {
     # threshold 0: a randomly initialised FCOS scores below the default 0.05
     "embedmask": "projects/embedmask/configs/shapes/embedmask_R18_shapes.yaml",
     "fastinst_panoptic": "projects/fastinst/configs/shapes/fastinst_R18_D1_shapes_panoptic.yaml",
+    "fastinst_msdeformattn": "projects/fastinst/configs/shapes/fastinst_R18_D1_shapes_instance.yaml",  # noqa: E501
     "knet_semantic": "projects/knet/configs/shapes/knet_upernet_R18_shapes_semantic.yaml",
 }
-EXTRA_OPTS = {"embedmask": ["MODEL.FCOS.INFERENCE_TH", "0.0"]}
+EXTRA_OPTS = {
+    "embedmask": ["MODEL.FCOS.INFERENCE_TH", "0.0"],
+    # the shared multi-scale deformable-attention pixel decoder (its compiled kernel is built
+    # here): exported through its PyTorch path
+    "fastinst_msdeformattn": [
+        "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME",
+        "QSMSDeformAttnPixelDecoder",
+        "MODEL.SEM_SEG_HEAD.IN_FEATURES",
+        "('res3', 'res4', 'res5')",
+        "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES",
+        "('res3', 'res4', 'res5')",
+        "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS",
+        "1",
+        "MODEL.SEM_SEG_HEAD.COMMON_STRIDE",
+        "8",
+    ],
+}
 # QueryInst's six stages refine boxes that the next stage's RoIAlign samples at: with random
 # weights, float32 rounding differences between the runtimes (4e-4 px after stage 1, measured)
 # grow through the stages (TorchScript, the same kernels, gives 0)
@@ -75,12 +92,17 @@ def _export_and_check(name: str, fmt: str, shapes_tiny_env, tmp_path) -> dict:
         forward = model(inputs)
     assert len(forward) == len(report["eager"]) == 1
     assert forward[0].keys() == report["eager"][0].keys()
+    report["model"] = model
     return report
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_onnx_export_equals_eager(name, shapes_tiny_env, tmp_path):
     report = _export_and_check(name, "onnx", shapes_tiny_env, tmp_path)
+    if name == "fastinst_msdeformattn":
+        from common.ops.ms_deform_attn import MSDeformAttn
+
+        assert any(isinstance(m, MSDeformAttn) for m in report["model"].modules())
     _assert_close(report, RELATIVE_TOLERANCE.get(name, 1e-4))
 
 

@@ -86,6 +86,10 @@ def main(args):
         QSCheckpointer.from_config(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
+        if cfg.MODEL.FAST_INFERENCE:  # after the weights: folding BatchNorm changes them
+            from common.modeling.fast_inference import prepare_fast_inference
+
+            prepare_fast_inference(model)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

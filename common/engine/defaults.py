@@ -40,8 +40,9 @@ def add_common_config(cfg: CN) -> None:
 
     # ---- inference fast path (common.modeling.fast_inference, docs/benchmark.md "Runtimes") --
     # Inference only: fold frozen BatchNorm into the convolutions, channels-last memory format,
-    # fused attention, and method-specific post-processing of only the selected queries (same
-    # results). Applied after the weights are loaded (demo --fast, benchmark --runtime fast).
+    # oneDNN convolutions, inference_mode, and method-specific post-processing of only the
+    # selected queries (same results). Applied after the weights are loaded (demo --fast,
+    # benchmark --runtime fast, train_net.py --eval-only); training ignores it.
     cfg.MODEL.FAST_INFERENCE = False
 
     # ---- data pipeline -------------------------------------------------------------------

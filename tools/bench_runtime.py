@@ -278,9 +278,10 @@ def format_table(rows: Sequence[RuntimeRow]) -> str:
     ]
     for r in rows:
         diff = "0" if not r.max_abs_diff else f"{r.max_abs_diff:.2g}"
+        speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
         lines.append(
             f"| {r.model} | {r.runtime} | {r.threads} | {r.latency_ms:.0f} | "
-            f"{r.speedup:.2f}x | {r.peak_mb:.0f} | {r.gflop:.1f} | {r.gflops:.1f} | "
+            f"{speedup} | {r.peak_mb:.0f} | {r.gflop:.1f} | {r.gflops:.1f} | "
             f"{r.gflops / r.conv_gflops:.0%} of {r.conv_gflops:.0f} | {diff} | {r.agreement} |"
         )
     return "\n".join(lines)

@@ -100,6 +100,7 @@ def _onednn_forward(conv: nn.Conv2d):
             or x.dtype != torch.float32
             or x.dim() != 4
             or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
             or torch.is_grad_enabled()
         ):
             return plain(x)

@@ -90,8 +90,13 @@ def main(args):
         QSCheckpointer.from_config(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
+        fast = cfg.MODEL.FAST_INFERENCE
         # every key the config set must be used (the training keys count: same config file)
         Trainer.check_config(cfg, model)
+        if fast:  # after the weights: folding BatchNorm changes them
+            from common.modeling.fast_inference import prepare_fast_inference
+
+            prepare_fast_inference(model)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "instance", "panoptic", "semantic"],
         help="which output to draw (auto: panoptic, else instance, else semantic)",
     )
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="the inference fast path (MODEL.FAST_INFERENCE: folded BatchNorm, channels-last, "
+        "selected-queries post-processing; same results)",
+    )
     p.add_argument("--grid-cols", type=int, help="panels per grid row (default: all in one)")
     p.add_argument("--max-frames", type=int, default=0, help="video/webcam: stop after N")
     p.add_argument(
@@ -144,7 +150,8 @@ def build_demos(args: argparse.Namespace) -> list[SegmentationDemo]:
     labels = args.labels or [os.path.splitext(os.path.basename(c))[0] for c in configs]
     demos = []
     for cfg_file, w, label in zip(configs, weights, labels):
-        cfg = setup_cfg(cfg_file, w, args.opts, args.confidence_threshold)
+        opts = [*args.opts, "MODEL.FAST_INFERENCE", "True"] if args.fast else args.opts
+        cfg = setup_cfg(cfg_file, w, opts, args.confidence_threshold)
         demos.append(
             SegmentationDemo(
                 cfg, label=label, task=args.task, confidence_threshold=args.confidence_threshold

@@ -84,6 +84,10 @@ class SegmentationDemo:
         self.predictor = DefaultPredictor(bare)
         if cfg.MODEL.WEIGHTS:
             QSCheckpointer.from_config(cfg, self.predictor.model).load(cfg.MODEL.WEIGHTS)
+        if cfg.MODEL.FAST_INFERENCE:  # after the weights: folding changes them
+            from common.modeling.fast_inference import prepare_fast_inference
+
+            prepare_fast_inference(self.predictor.model)
 
     def run_on_image(self, image_bgr: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
         """Predict and draw.

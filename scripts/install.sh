@@ -4,6 +4,7 @@
 #   VENV=.venv            where the environment lives (default: ./.venv)
 #   QS_SKIP_D2=1          never install the Detectron2 snapshot (use the one already importable)
 #   QS_BUILD_OPS=0        do not compile the C++ ops (the pure-PyTorch paths are used instead)
+#   QS_EXPORT=0           do not install onnx/onnxruntime (the export extra; its tests skip)
 #   QS_OPS_CUDA=0|1       compile the CUDA kernels too (default: only when a GPU is visible;
 #                         the CPU kernels are always built unless QS_BUILD_OPS=0)
 #
@@ -16,7 +17,7 @@ PY=${PYTHON:-python3}
 CACHE=${QS_CACHE:-$HOME/.cache/queryseg}
 STAMP="$VENV/.queryseg-installed"
 HASH=$( (cat constraints.txt setup.cfg setup.py scripts/install.sh common/ops/csrc/*; \
-  echo "${QS_BUILD_OPS:-1} ${QS_OPS_CUDA:-}") | sha256sum | cut -c1-16)
+  echo "${QS_BUILD_OPS:-1} ${QS_OPS_CUDA:-} ${QS_EXPORT:-1}") | sha256sum | cut -c1-16)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && "$VENV/bin/python" -c "import detectron2, torch, common" 2>/dev/null; then
   echo "[install] $VENV is up to date ($(cat "$STAMP"))"
@@ -52,6 +53,13 @@ if [ "${QS_SKIP_D2:-0}" != "1" ] && ! "$VENV/bin/python" -c "import detectron2.m
     rm -rf "$TMP"
   fi
   "${PIP[@]}" --no-deps "$WHEEL"
+fi
+
+# The `export` extra (ONNX export + onnxruntime CPU, ~40 MB of wheels): the export tests run in
+# CI. QS_EXPORT=0 skips it (those tests then skip).
+if [ "${QS_EXPORT:-1}" != "0" ]; then
+  echo "[install] onnx and onnxruntime (the export extra)"
+  "${PIP[@]}" onnx onnxruntime
 fi
 
 export QS_BUILD_OPS=${QS_BUILD_OPS:-1}

@@ -14,6 +14,10 @@ whole run. Usage::
     python tools/benchmark.py --schedule full          # the configs' own (documented) schedules
     python tools/benchmark.py --config A.yaml B.yaml --weights a.pth - [KEY VALUE ...]
     python tools/benchmark.py --list                   # default entries and whether present
+    python tools/benchmark.py --runtime eager fast onnxruntime --runtime-threads 1 2
+                                                       # inference runtimes side by side
+                                                       # (tools/bench_runtime.py; --fast: eager
+                                                       # and fast)
 
 A config file that does not exist (yet) is skipped with a note on the console and in the table.
 """
@@ -41,6 +45,8 @@ if __package__:  # imported as ``tools.<name>`` (the tests, another tool)
         train_parallel,
     )
     from .bench_report import plot_speed_accuracy, render_markdown, write_csv, write_grid
+    from .bench_runtime import RUNTIME_MODELS, RUNTIMES, compile_probe
+    from .bench_runtime import run as run_runtimes
 else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `tools`)
     from bench_core import (
         Measurer,
@@ -51,6 +57,8 @@ else:  # run as a script: tools/ is sys.path[0] (Detectron2 installs a package `
         train_parallel,
     )
     from bench_report import plot_speed_accuracy, render_markdown, write_csv, write_grid
+    from bench_runtime import RUNTIME_MODELS, RUNTIMES, compile_probe
+    from bench_runtime import run as run_runtimes
 
 logger = logging.getLogger("queryseg.benchmark")
 
@@ -420,8 +428,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="QuerySeg benchmark on shapes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the default entries and exit")
+    add_runtime_arguments(p)
     p.add_argument("opts", nargs="*", help="KEY VALUE overrides for every row (anywhere)")
     return p
+
+
+# ---- inference runtimes (tools/bench_runtime.py) ---------------------------------------------
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--runtime`` / ``--fast``: the runtime table instead of the shapes benchmark."""
+    p.add_argument(
+        "--runtime",
+        nargs="+",
+        choices=RUNTIMES,
+        help="compare inference runtimes at each method's official test size instead",
+    )
+    p.add_argument(
+        "--fast", action="store_true", help="--runtime eager fast (MODEL.FAST_INFERENCE)"
+    )
+    p.add_argument(
+        "--runtime-models",
+        nargs="+",
+        default=list(RUNTIME_MODELS),
+        metavar="NAME",
+        help=f"models of the runtime table (default: all of {list(RUNTIME_MODELS)})",
+    )
+    p.add_argument("--runtime-threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--profile", action="store_true", help="torch.profiler top ops (1 thread)")
+    p.add_argument(
+        "--compile-probe", action="store_true", help="also time torch.compile on the backbone"
+    )
+
+
+def runtime_main(args: argparse.Namespace) -> int:
+    """The runtime table (and profiles), printed and written to ``--output``/runtimes.md."""
+    runtimes = list(args.runtime or [])
+    if args.fast:
+        runtimes = list(dict.fromkeys(["eager", *runtimes, "fast"]))
+    text = run_runtimes(
+        args.runtime_models,
+        runtimes,
+        args.runtime_threads,
+        args.timing_iters or 3,
+        args.opts,
+        profile=args.profile,
+        repo=REPO,
+    )
+    if args.compile_probe:
+        for name in args.runtime_models:
+            config, size = RUNTIME_MODELS[name]
+            for t in args.runtime_threads:
+                probe = compile_probe(os.path.join(REPO, config), size, t, opts=args.opts)
+                text += "\n\n" + probe
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "runtimes.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0
 
 
 def _move_trailing_opts(args: argparse.Namespace) -> None:
@@ -522,6 +584,8 @@ def report_missing(entries: Sequence[Entry], missing: Sequence[Entry], discover:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    if args.runtime or args.fast:
+        return runtime_main(args)
     entries = entries_from_args(args)
     if args.list:
         for e in entries:

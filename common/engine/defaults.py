@@ -55,6 +55,13 @@ def add_common_config(cfg: CN) -> None:
     # MODEL.<METHOD>.COST_* / *_WEIGHT keys (when set, those keys are not read).
     cfg.MODEL.MATCHER.COSTS = []
 
+    # ---- inference fast path (common.modeling.fast_inference, docs/benchmark.md "Runtimes") --
+    # Inference only: fold frozen BatchNorm into the convolutions, channels-last memory format,
+    # oneDNN convolutions, inference_mode, and method-specific post-processing of only the
+    # selected queries (same results). Applied after the weights are loaded (demo --fast,
+    # benchmark --runtime fast, train_net.py --eval-only); training ignores it.
+    cfg.MODEL.FAST_INFERENCE = False
+
     # ---- data pipeline -------------------------------------------------------------------
     # Name of the training dataset mapper in common.data.MAPPER_REGISTRY:
     # "instance" | "panoptic" | "semantic" | "detectron2" (Detectron2's own DatasetMapper).

@@ -117,6 +117,8 @@ def _use_compiled(value: Tensor, impl: str) -> bool:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     if impl == "pytorch":
         return False
+    if impl == "auto" and (torch.jit.is_tracing() or torch.jit.is_scripting()):
+        return False  # export (ONNX / TorchScript) traces the PyTorch path: standard operators
     ext = compiled_ops()
     on_cuda = value.device.type == "cuda"
     if impl == "compiled":

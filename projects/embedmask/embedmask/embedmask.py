@@ -144,6 +144,8 @@ class EmbedMask(nn.Module):
             pred_classes, pred_masks [n, height, width] bool)}.
         """
         images = self.preprocess_image(batched_inputs)
+        if not self.training:
+            return self.core_postprocess(self.inference_core(images.tensor), batched_inputs, images)
         features = self.backbone(images.tensor)
         fcos_outputs = self.proposal_generator([features[f] for f in self.in_features])
         pixel_embed = self.embed_head.pixel_embedding(
@@ -152,26 +154,73 @@ class EmbedMask(nn.Module):
         proposal_embed, margin = self.embed_head.proposal_embedding(
             fcos_outputs["bbox_towers"], self.proposal_generator.strides
         )
-        if self.training:
-            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-            targets = self.proposal_generator.get_targets(fcos_outputs, gt_instances)
-            losses = self.proposal_generator.losses(fcos_outputs, targets)
-            losses.update(
-                self.mask_loss(
-                    pixel_embed,
-                    proposal_embed,
-                    margin,
-                    fcos_outputs,
-                    targets,
-                    gt_instances,
-                    self.mask_stride,
-                )
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        targets = self.proposal_generator.get_targets(fcos_outputs, gt_instances)
+        losses = self.proposal_generator.losses(fcos_outputs, targets)
+        losses.update(
+            self.mask_loss(
+                pixel_embed,
+                proposal_embed,
+                margin,
+                fcos_outputs,
+                targets,
+                gt_instances,
+                self.mask_stride,
             )
-            return losses
-        detections = self.proposal_generator.predict_instances(
-            fcos_outputs, images.image_sizes, torch.cat([proposal_embed, margin], dim=2)
         )
-        return self.inference(detections, pixel_embed, batched_inputs, images.image_sizes)
+        return losses
+
+    core_output_names = ("logits", "bbox_reg", "ctrness", "top_feats", "pixel_embed", "level_sizes")
+
+    def inference_core(
+        self, images: Tensor, image_sizes: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The traceable part of inference (what ``tools/export_model.py`` exports): the dense
+        FCOS and embedding outputs; thresholds, NMS and the masks run in :meth:`core_postprocess`.
+
+        Args:
+            images: [B, 3, H_pad, W_pad] normalised, padded images.
+            image_sizes: unused (the common core signature; see ``common.modeling.export``).
+        Returns:
+            ``logits`` [B, L, C], ``bbox_reg`` [B, L, 4], ``ctrness`` [B, L], ``top_feats``
+            [B, L, 2D] (proposal embedding and margin), ``pixel_embed`` [B, D, H', W'] and
+            ``level_sizes`` [levels, 2] long (the FCOS level sizes; constant in a trace).
+        """
+        features = self.backbone(images)
+        fcos_outputs = self.proposal_generator([features[f] for f in self.in_features])
+        pixel_embed = self.embed_head.pixel_embedding(
+            features[self.in_features[0]], self.pixel_stride
+        )
+        proposal_embed, margin = self.embed_head.proposal_embedding(
+            fcos_outputs["bbox_towers"], self.proposal_generator.strides
+        )
+        return {
+            "logits": fcos_outputs["logits"],
+            "bbox_reg": fcos_outputs["bbox_reg"],
+            "ctrness": fcos_outputs["ctrness"],
+            "top_feats": torch.cat([proposal_embed, margin], dim=2),
+            "pixel_embed": pixel_embed,
+            "level_sizes": torch.tensor(fcos_outputs["level_sizes"], device=images.device),
+        }
+
+    def core_postprocess(
+        self, outputs: dict[str, Tensor], batched_inputs: list[dict], images: ImageList
+    ) -> list[dict]:
+        """FCOS detections and :meth:`inference` on :meth:`inference_core`'s outputs (from any
+        runtime)."""
+        sizes = [tuple(int(v) for v in hw) for hw in outputs["level_sizes"].tolist()]
+        fcos_outputs = {
+            "logits": outputs["logits"],
+            "bbox_reg": outputs["bbox_reg"],
+            "ctrness": outputs["ctrness"],
+            **self.proposal_generator.location_layout(sizes, outputs["logits"].device),
+        }
+        detections = self.proposal_generator.predict_instances(
+            fcos_outputs, images.image_sizes, outputs["top_feats"]
+        )
+        return self.inference(
+            detections, outputs["pixel_embed"], batched_inputs, images.image_sizes
+        )
 
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
         """Normalise and pad (``common.modeling.meta_arch.padding_multiples``): [B, 3, H, W]."""

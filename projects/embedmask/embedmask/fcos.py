@@ -327,8 +327,19 @@ class FCOS(nn.Module):
         if len(features) != len(self.strides):
             raise ValueError(f"FCOS expects {len(self.strides)} levels, got {len(features)}")
         head = self.fcos_head(features)
-        device = features[0].device
         sizes = [tuple(f.shape[-2:]) for f in features]
+        return {
+            "logits": cat_levels(head["logits"]),
+            "bbox_reg": cat_levels(head["bbox_reg"]),
+            "ctrness": cat_levels(head["ctrness"])[..., 0],
+            "bbox_towers": head["bbox_towers"],
+            **self.location_layout(sizes, features[0].device),
+        }
+
+    def location_layout(self, sizes: list[tuple[int, int]], device: torch.device) -> dict:
+        """The per-location constants of levels of ``sizes`` (H_l, W_l): "locations" [L, 2],
+        "strides" [L], "level_index" [L] and "level_sizes" (as :meth:`forward` returns them)."""
+        sizes = [(int(h), int(w)) for h, w in sizes]
         locations = [compute_locations(h, w, s, device) for (h, w), s in zip(sizes, self.strides)]
         counts = [loc.shape[0] for loc in locations]
         level_index = torch.repeat_interleave(
@@ -336,10 +347,6 @@ class FCOS(nn.Module):
         )
         strides = torch.tensor(self.strides, device=device, dtype=torch.float32)[level_index]
         return {
-            "logits": cat_levels(head["logits"]),
-            "bbox_reg": cat_levels(head["bbox_reg"]),
-            "ctrness": cat_levels(head["ctrness"])[..., 0],
-            "bbox_towers": head["bbox_towers"],
             "locations": torch.cat(locations),
             "strides": strides,
             "level_index": level_index,

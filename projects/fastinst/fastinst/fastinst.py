@@ -32,7 +32,14 @@ from common.modeling.meta_arch import (
     padding_multiples,
 )
 
-from .inference import instance_inference, panoptic_inference, semantic_inference, thing_class_ids
+from .inference import (
+    instance_inference,
+    instances_from_unique_probs,
+    panoptic_inference,
+    select_topk,
+    semantic_inference,
+    thing_class_ids,
+)
 
 __all__ = ["FastInst", "build_fastinst_criterion"]
 
@@ -118,6 +125,7 @@ class FastInst(nn.Module):
         object_mask_threshold: float = 0.8,
         overlap_threshold: float = 0.8,
         sem_seg_postprocess_before_inference: bool = False,
+        fast_inference: bool = False,
     ):
         """
         Args:
@@ -134,6 +142,8 @@ class FastInst(nn.Module):
             object_mask_threshold, overlap_threshold: panoptic merge thresholds.
             sem_seg_postprocess_before_inference: resize mask logits to the output size before
                 the semantic merge (always done for instance/panoptic outputs).
+            fast_inference: instance-only models upsample only the selected queries' masks
+                to the output size (``MODEL.FAST_INFERENCE``; the same results).
         """
         super().__init__()
         self.backbone = backbone
@@ -160,6 +170,7 @@ class FastInst(nn.Module):
         self.resize_before_inference = (
             sem_seg_postprocess_before_inference or instance_on or panoptic_on
         )
+        self.fast_inference = fast_inference
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict[str, Any]:
@@ -188,6 +199,7 @@ class FastInst(nn.Module):
             "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": test.OVERLAP_THRESHOLD,
             "sem_seg_postprocess_before_inference": test.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
+            "fast_inference": cfg.MODEL.FAST_INFERENCE,
         }
 
     @property
@@ -207,15 +219,38 @@ class FastInst(nn.Module):
             ``panoptic_seg`` as enabled.
         """
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
         if not self.training:
-            return self.inference(self.sem_seg_head(features), batched_inputs, images)
+            return self.inference(self.inference_core(images.tensor), batched_inputs, images)
+        features = self.backbone(images.tensor)
         if any("instances" not in x for x in batched_inputs):
             raise KeyError("FastInst training needs 'instances' in every input dict")
         gt = [x["instances"].to(self.device) for x in batched_inputs]
         targets = self.prepare_targets(gt, images.tensor.shape[-2:])
         outputs = self.sem_seg_head(features, targets, self.criterion.matcher)
         return self.criterion(outputs, targets)
+
+    core_output_names = ("pred_logits", "pred_masks")
+
+    def inference_core(
+        self, images: Tensor, image_sizes: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The traceable part of inference (what ``tools/export_model.py`` exports).
+
+        Args:
+            images: [B, 3, H_pad, W_pad] normalised, padded images.
+            image_sizes: unused (the common core signature; see ``common.modeling.export``).
+        Returns:
+            ``pred_logits`` [B, Q, C+1] and ``pred_masks`` [B, Q, H_pad / 8, W_pad / 8] logits of
+            the last decoder layer.
+        """
+        outputs = self.sem_seg_head(self.backbone(images))
+        return {k: outputs[k] for k in self.core_output_names}
+
+    def core_postprocess(
+        self, outputs: dict[str, Tensor], batched_inputs: list[dict[str, Any]], images: ImageList
+    ) -> list[dict[str, Any]]:
+        """:meth:`inference` on :meth:`inference_core`'s outputs (from any runtime)."""
+        return self.inference(outputs, batched_inputs, images)
 
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
         """Normalise and pad the images to ``size_divisibility`` (training or test). Returns an
@@ -259,6 +294,8 @@ class FastInst(nn.Module):
     ) -> list[dict[str, Any]]:
         """Upsample the 1/8 mask logits to the padded input, crop and resize to each image's
         output size, then run the enabled post-processing."""
+        if self.fast_inference and self.instance_on and not (self.semantic_on or self.panoptic_on):
+            return self.selected_instance_inference(outputs, batched_inputs, images)
         mask_cls_all = outputs["pred_logits"]
         mask_pred_all = F.interpolate(
             outputs["pred_masks"],
@@ -299,4 +336,31 @@ class FastInst(nn.Module):
                     keep_classes=self.thing_ids if self.panoptic_on else None,
                 )
             results.append(result)
+        return results
+
+    def selected_instance_inference(
+        self, outputs: dict[str, Tensor], batched_inputs: list[dict[str, Any]], images: ImageList
+    ) -> list[dict[str, Any]]:
+        """:meth:`inference` for instance-only models, upsampling (to the padded input, then the
+        output size, as there) only the masks of the queries that the top-k selection keeps:
+        the same instances, without the full-resolution work on the other queries."""
+        results = []
+        padded = images.tensor.shape[-2:]
+        for mask_cls, low_res, x, image_size in zip(
+            outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images.image_sizes
+        ):
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            scores, labels, query_idx = select_topk(mask_cls, topk=self.test_topk_per_image)
+            queries, inverse = query_idx.unique(return_inverse=True)
+            masks = F.interpolate(
+                low_res[queries][None], size=padded, mode="bilinear", align_corners=False
+            )[0]
+            if (height, width) == tuple(image_size):  # the resize would be an exact copy
+                masks = masks[:, : image_size[0], : image_size[1]]
+            else:
+                masks = sem_seg_postprocess(masks, image_size, height, width)
+            probs = masks.float().sigmoid()
+            instances = instances_from_unique_probs(scores, labels, probs, inverse)
+            results.append({"instances": instances})
         return results

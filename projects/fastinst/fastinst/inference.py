@@ -17,6 +17,9 @@ from torch.nn import functional as F
 
 __all__ = [
     "instance_inference",
+    "select_topk",
+    "instances_from_probs",
+    "instances_from_unique_probs",
     "semantic_inference",
     "panoptic_inference",
     "thing_class_ids",
@@ -53,6 +56,69 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     return torch.where(x_any.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
 
 
+def select_topk(
+    mask_cls: Tensor, *, topk: int, keep_classes: Collection[int] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-k (query, class) pairs by class probability (the first step of
+    :func:`instance_inference`).
+
+    Args:
+        mask_cls: [Q, C+1] class logits (no-object last).
+        topk: detections per image (clipped to Q * C).
+        keep_classes: if given (panoptic models), drop detections of other classes.
+    Returns:
+        (scores [K], labels [K], query indices [K]).
+    """
+    num_classes = mask_cls.shape[1] - 1
+    scores = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
+    k = min(topk, scores.numel())
+    top_scores, top_idx = scores.flatten().topk(k, sorted=False)
+    labels = top_idx % num_classes
+    query_idx = top_idx // num_classes
+    if keep_classes is not None:
+        allowed = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
+        allowed[[c for c in keep_classes if c < num_classes]] = True
+        keep = allowed[labels]
+        top_scores, labels, query_idx = top_scores[keep], labels[keep], query_idx[keep]
+    return top_scores, labels, query_idx
+
+
+def instances_from_probs(scores: Tensor, labels: Tensor, probs: Tensor) -> Instances:
+    """Instances of the selected pairs: binary masks at 0.5, score x mean mask prob inside.
+
+    Args:
+        scores: [K] class probabilities; labels: [K]; probs: [K, H, W] mask probabilities.
+    """
+    binary = probs > 0.5
+    mask_scores = (probs * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    result = Instances(tuple(probs.shape[-2:]))
+    result.pred_masks = binary
+    result.pred_boxes = Boxes(masks_to_boxes(binary))
+    result.scores = scores * mask_scores
+    result.pred_classes = labels
+    return result
+
+
+def instances_from_unique_probs(
+    scores: Tensor, labels: Tensor, probs: Tensor, inverse: Tensor
+) -> Instances:
+    """:func:`instances_from_probs` with ``probs`` given once per distinct query: [U, H, W]
+    and ``inverse`` [K] mapping each pair to its query's row. The mask score, binary mask and
+    box are computed per query (they do not depend on the class) and gathered: the same
+    values as :func:`instances_from_probs` on ``probs[inverse]`` (``where`` for the product
+    with the bool mask and ``count_nonzero`` for its sum give the same numbers without
+    materialising float/int64 copies of the masks)."""
+    binary = probs > 0.5
+    kept = torch.where(binary, probs, probs.new_zeros(())).flatten(1).sum(1)
+    mask_scores = kept / (torch.count_nonzero(binary.flatten(1), dim=1) + 1e-6)
+    result = Instances(tuple(probs.shape[-2:]))
+    result.pred_masks = binary[inverse]
+    result.pred_boxes = Boxes(masks_to_boxes(binary)[inverse])
+    result.scores = scores * mask_scores[inverse]
+    result.pred_classes = labels
+    return result
+
+
 def instance_inference(
     mask_cls: Tensor,
     mask_pred: Tensor,
@@ -72,27 +138,8 @@ def instance_inference(
         Instances of image size (H, W) with ``pred_masks`` [N, H, W] bool, ``pred_boxes``
         (from the masks), ``scores`` [N], ``pred_classes`` [N].
     """
-    num_classes = mask_cls.shape[1] - 1
-    scores = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
-    k = min(topk, scores.numel())
-    top_scores, top_idx = scores.flatten().topk(k, sorted=False)
-    labels = top_idx % num_classes
-    query_idx = top_idx // num_classes
-    if keep_classes is not None:
-        allowed = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
-        allowed[[c for c in keep_classes if c < num_classes]] = True
-        keep = allowed[labels]
-        top_scores, labels, query_idx = top_scores[keep], labels[keep], query_idx[keep]
-    probs = mask_pred[query_idx].float().sigmoid()
-    binary = probs > 0.5
-    mask_scores = (probs * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-
-    result = Instances(tuple(mask_pred.shape[-2:]))
-    result.pred_masks = binary
-    result.pred_boxes = Boxes(masks_to_boxes(binary))
-    result.scores = top_scores * mask_scores
-    result.pred_classes = labels
-    return result
+    top_scores, labels, query_idx = select_topk(mask_cls, topk=topk, keep_classes=keep_classes)
+    return instances_from_probs(top_scores, labels, mask_pred[query_idx].float().sigmoid())
 
 
 def semantic_inference(mask_cls: Tensor, mask_pred: Tensor) -> Tensor:

@@ -22,6 +22,8 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from common.modeling.export import TraceableAdaptiveAvgPool2d
+
 __all__ = ["BaseFPN", "PyramidPoolingModuleFPN", "PyramidPoolingModule", "build_pixel_decoder"]
 
 
@@ -56,7 +58,9 @@ class PyramidPoolingModule(nn.Module):
     def __init__(self, in_channels: int, channels: int, sizes: Sequence[int] = (1, 2, 3, 6)):
         super().__init__()
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), Conv2d(in_channels, channels, kernel_size=1))
+            nn.Sequential(
+                TraceableAdaptiveAvgPool2d(s), Conv2d(in_channels, channels, kernel_size=1)
+            )
             for s in sizes
         )
         self.bottleneck = Conv2d(in_channels + len(sizes) * channels, in_channels, kernel_size=1)

@@ -17,6 +17,8 @@ from detectron2.layers import Conv2d, get_norm
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from common.modeling.export import TraceableAdaptiveAvgPool2d
+
 __all__ = ["FCNHead", "PSPHead", "ASPPHead", "UPerHead", "build_decode_head"]
 
 
@@ -113,7 +115,9 @@ class PyramidPooling(nn.ModuleList):
 
     def __init__(self, pool_scales: Sequence[int], in_channels: int, channels: int, norm: str):
         super().__init__(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_module(in_channels, channels, 1, norm))
+            nn.Sequential(
+                TraceableAdaptiveAvgPool2d(s), conv_module(in_channels, channels, 1, norm)
+            )
             for s in pool_scales
         )
 

@@ -200,16 +200,39 @@ class KNet(nn.Module):
             ``{"panoptic_seg": (ids [H, W], segments_info)}``.
         """
         images = self.preprocess_image(batched_inputs)
+        if not self.training:
+            return self.core_postprocess(self.inference_core(images.tensor), batched_inputs, images)
         features = self.backbone(images.tensor)
         stage0 = self.kernel_head(self.neck([features[f] for f in self.in_features]))
-        if self.training:
-            targets = self.prepare_targets(batched_inputs, images)
-            rpn_outputs, outputs = self.forward_train_stages(stage0)
-            losses = self.rpn_criterion(rpn_outputs, targets)
-            losses.update(self.criterion(outputs, targets))
-            return losses
+        targets = self.prepare_targets(batched_inputs, images)
+        rpn_outputs, outputs = self.forward_train_stages(stage0)
+        losses = self.rpn_criterion(rpn_outputs, targets)
+        losses.update(self.criterion(outputs, targets))
+        return losses
+
+    core_output_names = ("pred_logits", "pred_masks")
+
+    def inference_core(
+        self, images: Tensor, image_sizes: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The traceable part of inference (what ``tools/export_model.py`` exports).
+
+        Args:
+            images: [B, 3, H_pad, W_pad] normalised, padded images.
+            image_sizes: unused (the common core signature; see ``common.modeling.export``).
+        Returns:
+            ``pred_logits`` [B, Q, C] and stride-4 ``pred_masks`` [B, Q, h, w] of the last stage.
+        """
+        features = self.backbone(images)
+        stage0 = self.kernel_head(self.neck([features[f] for f in self.in_features]))
         cls_logits, mask_logits = self.forward_test_stages(stage0)
-        return self.inference(cls_logits, mask_logits, batched_inputs, images)
+        return {"pred_logits": cls_logits, "pred_masks": mask_logits}
+
+    def core_postprocess(
+        self, outputs: dict[str, Tensor], batched_inputs: list[dict[str, Any]], images: ImageList
+    ) -> list[dict[str, Any]]:
+        """:meth:`inference` on :meth:`inference_core`'s outputs (from any runtime)."""
+        return self.inference(outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images)
 
     def _upsample(self, x: Tensor) -> Tensor:
         if self.mask_upsample_stride == 1:

@@ -163,25 +163,25 @@ class KNetSemantic(nn.Module):
             inference: per image ``{"sem_seg": [num_classes, height, width] probabilities}``.
         """
         images = self.preprocess_image(batched_inputs)
+        if not self.training:
+            return self.core_postprocess(self.inference_core(images.tensor), batched_inputs, images)
         features = self.backbone(images.tensor)
         stage_logits = self.forward_stages([features[f] for f in self.in_features])
-        if self.training:
-            if any("sem_seg" not in x for x in batched_inputs):
-                raise KeyError("KNetSemantic needs 'sem_seg' in every training input")
-            labels = ImageList.from_tensors(
-                [x["sem_seg"].to(self.device) for x in batched_inputs],
-                self.size_divisibility,
-                pad_value=self.ignore_value,
-            ).tensor
-            losses = {
-                f"loss_ce_s{i}": self.loss_weight * self.ce_loss(logits, labels)
-                for i, logits in enumerate(stage_logits)
-            }
-            if self.aux_head is not None:
-                aux_logits = self.aux_head([features[self.aux_in_feature]])[0]
-                losses["loss_ce_aux"] = self.aux_weight * self.ce_loss(aux_logits, labels)
-            return losses
-        return self.inference(stage_logits[-1], batched_inputs, images)
+        if any("sem_seg" not in x for x in batched_inputs):
+            raise KeyError("KNetSemantic needs 'sem_seg' in every training input")
+        labels = ImageList.from_tensors(
+            [x["sem_seg"].to(self.device) for x in batched_inputs],
+            self.size_divisibility,
+            pad_value=self.ignore_value,
+        ).tensor
+        losses = {
+            f"loss_ce_s{i}": self.loss_weight * self.ce_loss(logits, labels)
+            for i, logits in enumerate(stage_logits)
+        }
+        if self.aux_head is not None:
+            aux_logits = self.aux_head([features[self.aux_in_feature]])[0]
+            losses["loss_ce_aux"] = self.aux_weight * self.ce_loss(aux_logits, labels)
+        return losses
 
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
         """Normalize and pad (training: ``size_divisibility``, test: ``test_size_divisibility``).
@@ -191,6 +191,29 @@ class KNetSemantic(nn.Module):
         """
         div = self.size_divisibility if self.training else self.test_size_divisibility
         return normalize_and_pad(batched_inputs, self.pixel_mean, self.pixel_std, div, "K-Net")
+
+    core_output_names = ("sem_seg_logits",)
+
+    def inference_core(
+        self, images: Tensor, image_sizes: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The traceable part of inference (what ``tools/export_model.py`` exports).
+
+        Args:
+            images: [B, 3, H_pad, W_pad] normalised, padded images.
+            image_sizes: unused (the common core signature; see ``common.modeling.export``).
+        Returns:
+            ``sem_seg_logits`` [B, num_classes, h, w] of the last stage.
+        """
+        features = self.backbone(images)
+        stage_logits = self.forward_stages([features[f] for f in self.in_features])
+        return {"sem_seg_logits": stage_logits[-1]}
+
+    def core_postprocess(
+        self, outputs: dict[str, Tensor], batched_inputs: list[dict[str, Any]], images: ImageList
+    ) -> list[dict[str, Tensor]]:
+        """:meth:`inference` on :meth:`inference_core`'s outputs (from any runtime)."""
+        return self.inference(outputs["sem_seg_logits"], batched_inputs, images)
 
     def forward_stages(self, features: list[Tensor]) -> list[Tensor]:
         """Returns the logits of every stage, [B, num_classes, h, w] each (stage 0 first)."""

@@ -277,11 +277,7 @@ class QueryInst(nn.Module):
             out = self.roi_head.box_stage(stage, features, boxes, proposal_features)
             boxes = out["pred_boxes"]
             proposal_features = out["object_features"]
-        scores = out["pred_logits"].sigmoid()  # [B, N, K]
-        b, n, k = scores.shape
-        topk = min(self.test_topk, n * k)
-        top_scores, top_idx = scores.flatten(1).topk(topk, dim=1)  # [B, topk]
-        top_query, top_labels = top_idx // k, top_idx % k
+        top_scores, top_query, top_labels = self.select_topk(out["pred_logits"])
         # the mask head runs once per distinct selected query (a query can hold several labels)
         uniq = [q.unique(return_inverse=True) for q in top_query]
         mask_logits = self.roi_head.mask_stage(
@@ -302,6 +298,75 @@ class QueryInst(nn.Module):
                 top_labels[i],
                 probs,
                 images.image_sizes[i],
+                (height, width),
+            )
+            results.append({"instances": inst})
+        return results
+
+    def select_topk(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k (query, class) pairs of [B, N, K] class logits by sigmoid score.
+
+        Returns:
+            (scores, query indices, labels), each [B, topk].
+        """
+        scores = logits.sigmoid()
+        b, n, k = scores.shape
+        topk = min(self.test_topk, n * k)
+        top_scores, top_idx = scores.flatten(1).topk(topk, dim=1)
+        return top_scores, top_idx // k, top_idx % k
+
+    core_output_names = ("pred_boxes", "scores", "pred_classes", "mask_logits")
+
+    def inference_core(self, images: Tensor, image_sizes: Tensor) -> dict[str, Tensor]:
+        """The traceable part of inference (what ``tools/export_model.py`` exports): all
+        stages, the top-k selection, and the last stage's mask head on the selected queries
+        (once per pair: :meth:`inference` runs it once per distinct query, same values).
+
+        Args:
+            images: [B, 3, H_pad, W_pad] normalised, padded images.
+            image_sizes: [B, 2] (h, w) of the unpadded images (the initial proposal boxes).
+        Returns:
+            ``pred_boxes`` [B, T, 4] absolute xyxy in the input frame, ``scores`` [B, T],
+            ``pred_classes`` [B, T] and ``mask_logits`` [B, T, S, S] of the selected pairs.
+        """
+        features = self.roi_head.select_features(self.backbone(images))
+        image_whwh = image_sizes.to(torch.float32)[:, [1, 0, 1, 0]]
+        boxes, proposal_features = self.rpn_head(image_whwh)
+        for stage in range(self.roi_head.num_stages):
+            out = self.roi_head.box_stage(stage, features, boxes, proposal_features)
+            boxes, proposal_features = out["pred_boxes"], out["object_features"]
+        top_scores, top_query, top_labels = self.select_topk(out["pred_logits"])
+        b, t = top_query.shape
+        batch = torch.arange(b, device=images.device)[:, None].expand(b, t)
+        sel_boxes = boxes[batch, top_query]  # [B, T, 4]
+        mask_logits = self.roi_head.mask_stage(
+            self.roi_head.num_stages - 1,
+            features,
+            list(sel_boxes.unbind(0)),
+            out["attn_features"][batch, top_query].flatten(0, 1),
+        )  # [B * T, K, S, S]
+        mask_logits = mask_logits[torch.arange(b * t, device=images.device), top_labels.flatten()]
+        return {
+            "pred_boxes": sel_boxes,
+            "scores": top_scores,
+            "pred_classes": top_labels,
+            "mask_logits": mask_logits.view(b, t, *mask_logits.shape[-2:]),
+        }
+
+    def core_postprocess(
+        self, outputs: dict[str, Tensor], batched_inputs: list[dict[str, Any]], images: ImageList
+    ) -> list[dict[str, Instances]]:
+        """:meth:`postprocess` of :meth:`inference_core`'s outputs (from any runtime)."""
+        results = []
+        for i, image_size in enumerate(images.image_sizes):
+            height = batched_inputs[i].get("height", image_size[0])
+            width = batched_inputs[i].get("width", image_size[1])
+            inst = self.postprocess(
+                outputs["pred_boxes"][i],
+                outputs["scores"][i],
+                outputs["pred_classes"][i],
+                outputs["mask_logits"][i].sigmoid(),
+                image_size,
                 (height, width),
             )
             results.append({"instances": inst})

@@ -3,8 +3,9 @@
 K-Net's stage-0 head reads a list of same-width maps, finest first (its FPN neck gives P2..P5).
 :class:`PixelDecoderNeck` turns any registered pixel decoder into such a neck, so that
 ``MODEL.KNET.NECK`` can name the deformable-attention pixel decoder
-(``QSMSDeformAttnPixelDecoder``, common) or FastInst's ``PyramidPoolingModuleFPN`` / ``BaseFPN``
-instead of K-Net's FPN. The decoder is built from its own keys (``MODEL.SEM_SEG_HEAD.*``, and
+(``QSMSDeformAttnPixelDecoder``, ``common.modeling.pixel_decoder``) or FastInst's PPM-FPN
+(``PyramidPoolingModuleFPN`` / ``BaseFPN``, ``common.modeling.ppm_fpn``) instead of K-Net's FPN.
+The decoder is built from its own keys (``MODEL.SEM_SEG_HEAD.*``, and
 ``MODEL.MSDA_PIXEL_DECODER.*``) and must declare ``output_strides``:
 ``(stride of its mask features or None, strides of its multi-scale maps, coarsest first)``.
 The neck's levels are the multi-scale maps finest first, preceded by the mask features when

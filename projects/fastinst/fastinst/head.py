@@ -1,5 +1,8 @@
 """``FastInstHead``: pixel decoder (PPM-FPN by default) + FastInst transformer decoder.
 
+The pixel decoders (``PyramidPoolingModuleFPN``, ``BaseFPN``) are shared with K-Net's neck and
+live in ``common.modeling.ppm_fpn``.
+
 Provenance: the official ``FastInstHead`` (``sem_seg_head.pixel_decoder`` / ``.predictor`` keep the
 released checkpoint's key prefixes); differences: it also accepts pixel decoders that return
 Mask2Former's three-tuple (mask features, encoder features, multi-scale maps), checks the channel
@@ -16,12 +19,33 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import Tensor, nn
 
+from common.modeling import ppm_fpn as _ppm_fpn  # noqa: F401  (registers the default decoders)
 from common.modeling.meta_arch import num_classes
 
 from .decoder import FastInstDecoder
-from .pixel_decoder import build_pixel_decoder
 
-__all__ = ["FastInstHead"]
+__all__ = ["FastInstHead", "build_pixel_decoder"]
+
+
+def build_pixel_decoder(cfg: CfgNode, input_shape: dict[str, ShapeSpec]) -> nn.Module:
+    """Build ``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME`` from ``SEM_SEG_HEADS_REGISTRY``.
+
+    The module must have ``forward_features(features)`` returning a tuple whose last item is the
+    list of multi-scale maps, coarsest first, ending with strides 16 and 8 (the PPM-FPN / FPN of
+    ``common.modeling.ppm_fpn`` and the deformable-attention decoder of
+    ``common.modeling.pixel_decoder`` all do).
+    """
+    name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
+    if name not in SEM_SEG_HEADS_REGISTRY:
+        raise KeyError(
+            f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME={name!r} is not registered in "
+            "SEM_SEG_HEADS_REGISTRY (common provides 'PyramidPoolingModuleFPN', 'BaseFPN' and "
+            "'QSMSDeformAttnPixelDecoder')"
+        )
+    model = SEM_SEG_HEADS_REGISTRY.get(name)(cfg, input_shape)
+    if not callable(getattr(model, "forward_features", None)):
+        raise TypeError(f"pixel decoder {name!r} has no forward_features(features) method")
+    return model
 
 
 @SEM_SEG_HEADS_REGISTRY.register()

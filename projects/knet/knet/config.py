@@ -91,9 +91,10 @@ def add_knet_config(cfg: CN) -> None:
     # The neck between backbone and stage-0 head: "FPN" (K-Net's: mmdet FPN on IN_FEATURES,
     # HIDDEN_DIM channels) or a pixel decoder of SEM_SEG_HEADS_REGISTRY that declares
     # output_strides (common.modeling.neck): "QSMSDeformAttnPixelDecoder" (strides 4-32, 4
-    # levels), FastInst's "PyramidPoolingModuleFPN" / "BaseFPN" (its IN_FEATURES' strides; with
-    # res3-res5 set NECK_OUT_LEVEL 0, POS_ENCODING_LEVEL 2). The decoder reads its own
-    # MODEL.SEM_SEG_HEAD.* keys; its width (CONVS_DIM, MASK_DIM) must be HIDDEN_DIM.
+    # levels), FastInst's PPM-FPN "PyramidPoolingModuleFPN" / "BaseFPN" (common.modeling.ppm_fpn;
+    # its IN_FEATURES' strides; with res3-res5 set NECK_OUT_LEVEL 0, POS_ENCODING_LEVEL 2). The
+    # decoder reads its own MODEL.SEM_SEG_HEAD.* keys; its width (CONVS_DIM, MASK_DIM) must be
+    # HIDDEN_DIM.
     k.NECK = "FPN"
     # Number of learned (thing) kernels N.
     k.NUM_PROPOSALS = 100

@@ -1,5 +1,6 @@
 """Unit tests of FastInst's pieces: IA query selection, location cost, decoder outputs and the
-GT attention mask, positional embeddings, pixel decoder layout, config checks."""
+GT attention mask, positional embeddings, config checks (the PPM-FPN's own tests:
+tests/common/modeling/test_ppm_fpn.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ import os
 
 import pytest
 import torch
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from fastinst import FastInstDecoder, QueryProposal, build_fastinst_criterion, local_maximum_map
-from fastinst.pixel_decoder import PyramidPoolingModuleFPN
 from torch import nn
 
 from common.engine import get_cfg, merge_config
@@ -266,32 +265,6 @@ def test_positional_embeddings():
     assert torch.isfinite(out["pred_masks"]).all()
     with pytest.raises(ValueError, match="pos_embed"):
         _tiny_decoder(pos_embed="rope")
-
-
-def test_ppm_fpn_layout_matches_official_keys():
-    shapes = {
-        "res3": ShapeSpec(channels=16, stride=8),
-        "res4": ShapeSpec(channels=24, stride=16),
-        "res5": ShapeSpec(channels=32, stride=32),
-    }
-    fpn = PyramidPoolingModuleFPN(shapes, convs_dim=64, norm="GN")
-    keys = set(fpn.state_dict())
-    for k in (
-        "adapter_1.weight",
-        "adapter_3.norm.bias",
-        "layer_2.weight",
-        "layer_1.norm.weight",
-        "ppm.stages.0.1.weight",
-        "ppm.stages.3.1.bias",
-        "ppm.bottleneck.weight",
-    ):
-        assert k in keys, k
-    feats = {
-        k: torch.randn(2, s.channels, 128 // s.stride, 160 // s.stride) for k, s in shapes.items()
-    }
-    none, (e5, e4, e3) = fpn.forward_features(feats)
-    assert none is None
-    assert e5.shape == (2, 64, 4, 5) and e4.shape == (2, 64, 8, 10) and e3.shape == (2, 64, 16, 20)
 
 
 def _cfg(*opts: str):

@@ -1,11 +1,15 @@
-"""FastInst pixel decoders: the PPM-FPN (paper Sec. 3.1) and its plain-FPN ablation.
+"""PPM-FPN pixel decoder (FastInst, He et al., CVPR 2023, Sec. 3.1) and its plain-FPN ablation.
 
-Both take res3-res5 and return E5, E4, E3 (strides 32, 16, 8, ``CONVS_DIM`` channels each);
-there is no mask-feature conv (the transformer decoder projects E3 itself).
+``PyramidPoolingModuleFPN`` and ``BaseFPN`` (``SEM_SEG_HEADS_REGISTRY``) take res3-res5 and return
+E5, E4, E3 (strides 32, 16, 8, ``MODEL.SEM_SEG_HEAD.CONVS_DIM`` channels each); there is no
+mask-feature conv (FastInst's transformer decoder projects E3 itself). They are FastInst's pixel
+decoder (``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``) and, through ``output_strides``, one of K-Net's
+necks (``MODEL.KNET.NECK``, see ``common.modeling.neck``); the deformable-attention alternative
+is ``common.modeling.pixel_decoder``.
 
-Provenance: the official ``PyramidPoolingModuleFPN``/``BaseFPN`` (lateral 1x1 + output 3x3, GN,
-c2-xavier init, top-down sum of the coarser level's *output*, PSP pooling 1/2/3/6 on the coarsest
-lateral) with the same module names (``adapter_i``, ``layer_i``, ``ppm.stages``,
+Provenance: the official FastInst ``PyramidPoolingModuleFPN``/``BaseFPN`` (lateral 1x1 + output
+3x3, GN, c2-xavier init, top-down sum of the coarser level's *output*, PSP pooling 1/2/3/6 on the
+coarsest lateral) with the same module names (``adapter_i``, ``layer_i``, ``ppm.stages``,
 ``ppm.bottleneck``); the difference is that ``forward`` returns the features too (the official
 one logs a warning).
 """
@@ -24,26 +28,7 @@ from torch.nn import functional as F
 
 from common.modeling.export import TraceableAdaptiveAvgPool2d
 
-__all__ = ["BaseFPN", "PyramidPoolingModuleFPN", "PyramidPoolingModule", "build_pixel_decoder"]
-
-
-def build_pixel_decoder(cfg: CfgNode, input_shape: dict[str, ShapeSpec]) -> nn.Module:
-    """Build ``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME`` from ``SEM_SEG_HEADS_REGISTRY``.
-
-    The module must have ``forward_features(features)`` returning a tuple whose last item is the
-    list of multi-scale maps, coarsest first, ending with strides 16 and 8 (the FastInst FPNs and
-    Mask2Former's deformable-attention decoder both do).
-    """
-    name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
-    if name not in SEM_SEG_HEADS_REGISTRY:
-        raise KeyError(
-            f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME={name!r} is not registered in "
-            "SEM_SEG_HEADS_REGISTRY (FastInst provides 'PyramidPoolingModuleFPN' and 'BaseFPN')"
-        )
-    model = SEM_SEG_HEADS_REGISTRY.get(name)(cfg, input_shape)
-    if not callable(getattr(model, "forward_features", None)):
-        raise TypeError(f"pixel decoder {name!r} has no forward_features(features) method")
-    return model
+__all__ = ["BaseFPN", "PyramidPoolingModuleFPN", "PyramidPoolingModule"]
 
 
 class PyramidPoolingModule(nn.Module):
@@ -167,7 +152,7 @@ class BaseFPN(nn.Module):
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class PyramidPoolingModuleFPN(BaseFPN):
-    """FastInst's PPM-FPN: :class:`BaseFPN` with pyramid pooling on the res5 lateral output."""
+    """FastInst's PPM-FPN: :class:`BaseFPN` with pyramid pooling on the coarsest lateral output."""
 
     @configurable
     def __init__(

@@ -10,9 +10,11 @@ references of the parity suite (``python tests/parity/parity_refs.py`` installs 
 
 ``--configs-dir``: mmseg's ``configs/`` folder (default: the one inside the installed mmseg
 package, ``mmseg/.mim/configs``; the wheel of ``pip download --no-deps mmsegmentation==1.2.2``
-holds it too). The models are built on the CPU with BN for SyncBN (same parameters and buffers)
-and without loading the pretrained backbones; the parameter groups are those of mmengine's
-``DefaultOptimWrapperConstructor`` for each config's ``optim_wrapper``.
+holds it too). The rows and the models are the parity suite's
+(``tests/parity/parity_utils.py``: ``KNET_ADE20K_ROWS``, ``mmseg_knet_reference``): built on
+the CPU with BN for SyncBN (same parameters and buffers) and without loading the pretrained
+backbones; the parameter groups are those of mmengine's ``DefaultOptimWrapperConstructor`` for
+each config's ``optim_wrapper``.
 """
 
 from __future__ import annotations
@@ -25,47 +27,6 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "tests", "data", "knet_ade20k_mmseg_layouts.json.gz")
-
-#: QuerySeg config -> mmseg 1.2.2 config (configs/knet/), one per released model
-ROWS = {
-    "knet_fcn_R50-D8_80k_ade20k.yaml": "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512.py",
-    "knet_pspnet_R50-D8_80k_ade20k.yaml": "knet-s3_r50-d8_pspnet_8xb2-adamw-80k_ade20k-512x512.py",
-    "knet_deeplabv3_R50-D8_80k_ade20k.yaml": (
-        "knet-s3_r50-d8_deeplabv3_8xb2-adamw-80k_ade20k-512x512.py"
-    ),
-    "knet_upernet_R50_80k_ade20k.yaml": "knet-s3_r50-d8_upernet_8xb2-adamw-80k_ade20k-512x512.py",
-    "knet_upernet_SwinT_80k_ade20k.yaml": "knet-s3_swin-t_upernet_8xb2-adamw-80k_ade20k-512x512.py",
-    "knet_upernet_SwinL_80k_ade20k.yaml": "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-512x512.py",
-    "knet_upernet_SwinL_80k_640_ade20k.yaml": (
-        "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-640x640.py"
-    ),
-}
-
-
-def _sync_to_bn(node):
-    if isinstance(node, dict):
-        if node.get("type") == "SyncBN":
-            node["type"] = "BN"
-        for v in node.values():
-            _sync_to_bn(v)
-    elif isinstance(node, list):
-        for v in node:
-            _sync_to_bn(v)
-
-
-def build_reference(config_path: str):
-    """(mmseg model in eval mode, its mmengine Config); the refs must be importable."""
-    from mmengine.config import Config
-    from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
-
-    register_all_modules()
-    cfg = Config.fromfile(config_path)
-    model_cfg = cfg.model.to_dict()
-    _sync_to_bn(model_cfg)
-    model_cfg.pop("pretrained", None)
-    model_cfg["backbone"].pop("init_cfg", None)
-    return MODELS.build(model_cfg).eval(), cfg
 
 
 def param_groups(model, cfg) -> list[list]:
@@ -89,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.join(REPO, "tests", "parity"))
     import parity_refs
+    from parity_utils import KNET_ADE20K_ROWS, mmseg_knet_reference
 
     versions = parity_refs.activate()
     ext = sys.modules["mmcv._ext"]
@@ -96,12 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         import importlib.machinery
 
         ext.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)
-    import mmseg
-
-    configs = args.configs_dir or os.path.join(os.path.dirname(mmseg.__file__), ".mim", "configs")
     rows = {}
-    for ours, theirs in ROWS.items():
-        model, cfg = build_reference(os.path.join(configs, "knet", theirs))
+    for ours, theirs in KNET_ADE20K_ROWS.items():
+        model, cfg = mmseg_knet_reference(theirs, args.configs_dir)
         opt = cfg.optim_wrapper.optimizer
         rows[ours] = {
             "mmseg_config": theirs,

@@ -22,7 +22,9 @@ Interface for a parity test (a ``test_*.py`` in this folder):
 ``parity_utils``
     ``perturb_state_dict(state, seed)`` (random weights in the reference layout, every tensor,
     BN statistics included), ``diff``, ``mm_config("mmdet", "queryinst/...py")``,
-    ``build_mm_model("mmdet", cfg.model)`` (built and ``init_weights()`` run).
+    ``build_mm_model("mmdet", cfg.model)`` (built and ``init_weights()`` run);
+    ``KNET_ADE20K_ROWS`` and ``mmseg_knet_reference(mm_cfg_name)`` (K-Net's ADE20K rows and
+    their mmseg models, CPU-buildable; also used by ``scripts/knet_ade20k_layouts.py``).
 ``init_check`` (tests/init_check.py)
     ``init_mismatches(ours_state, expected)`` for the init-parity tests: ``expected`` maps our
     keys to a reference tensor (deterministic ones compared exactly, random ones by mean, std and

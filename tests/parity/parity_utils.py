@@ -7,6 +7,8 @@
   ``output/parity/parity_table.md`` (the closing note's table).
 - :func:`mm_config`, :func:`build_mm_model`: a reference model from the configs shipped in the
   mmdet / mmseg wheels (``<package>/.mim/configs``).
+- :data:`KNET_ADE20K_ROWS`, :func:`mmseg_knet_reference`: K-Net's seven released ADE20K rows and
+  their mmseg models built on the CPU (the parity tests and ``scripts/knet_ade20k_layouts.py``).
 """
 
 from __future__ import annotations
@@ -87,19 +89,22 @@ class ParityTable:
         return "\n".join(lines) + "\n"
 
 
-def mm_config(package: str, relpath: str):
+def mm_config(package: str, relpath: str, configs_dir: str | None = None):
     """An mmengine ``Config`` of a config file shipped in ``<package>/.mim/configs/``.
 
     Args:
         package: "mmdet" or "mmseg".
         relpath: e.g. "queryinst/queryinst_r50_fpn_1x_coco.py".
+        configs_dir: another ``configs/`` folder to read it from (e.g. an unpacked wheel's).
     """
     import importlib
 
     from mmengine.config import Config
 
-    root = os.path.join(os.path.dirname(importlib.import_module(package).__file__), ".mim")
-    return Config.fromfile(os.path.join(root, "configs", relpath))
+    if configs_dir is None:
+        root = os.path.dirname(importlib.import_module(package).__file__)
+        configs_dir = os.path.join(root, ".mim", "configs")
+    return Config.fromfile(os.path.join(configs_dir, relpath))
 
 
 def build_mm_model(scope: str, model_cfg) -> torch.nn.Module:
@@ -115,3 +120,45 @@ def build_mm_model(scope: str, model_cfg) -> torch.nn.Module:
     model = registry.build(model_cfg)
     model.init_weights()
     return model
+
+
+#: K-Net's released ADE20K rows: QuerySeg config (projects/knet/configs/) -> mmseg 1.2.2 config
+#: (configs/knet/)
+KNET_ADE20K_ROWS = {
+    "knet_fcn_R50-D8_80k_ade20k.yaml": "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512.py",
+    "knet_pspnet_R50-D8_80k_ade20k.yaml": "knet-s3_r50-d8_pspnet_8xb2-adamw-80k_ade20k-512x512.py",
+    "knet_deeplabv3_R50-D8_80k_ade20k.yaml": (
+        "knet-s3_r50-d8_deeplabv3_8xb2-adamw-80k_ade20k-512x512.py"
+    ),
+    "knet_upernet_R50_80k_ade20k.yaml": "knet-s3_r50-d8_upernet_8xb2-adamw-80k_ade20k-512x512.py",
+    "knet_upernet_SwinT_80k_ade20k.yaml": "knet-s3_swin-t_upernet_8xb2-adamw-80k_ade20k-512x512.py",
+    "knet_upernet_SwinL_80k_ade20k.yaml": "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-512x512.py",
+    "knet_upernet_SwinL_80k_640_ade20k.yaml": (
+        "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-640x640.py"
+    ),
+}
+
+
+def sync_bn_to_bn(node) -> None:
+    """Replace every ``type="SyncBN"`` in a (nested) mmengine config dict by ``"BN"``, in place:
+    the same parameters and buffers, and buildable / runnable without a process group."""
+    if isinstance(node, dict):
+        if node.get("type") == "SyncBN":
+            node["type"] = "BN"
+        for v in node.values():
+            sync_bn_to_bn(v)
+    elif isinstance(node, list):
+        for v in node:
+            sync_bn_to_bn(v)
+
+
+def mmseg_knet_reference(mm_cfg_name: str, configs_dir: str | None = None):
+    """(model, mmengine ``Config``) of mmseg's ``configs/knet/<mm_cfg_name>``, built on the CPU:
+    SyncBN -> BN, no pretrained backbone, ``init_weights()`` run (draws from torch's global RNG:
+    seed it first for a reproducible model). ``configs_dir`` as in :func:`mm_config`."""
+    cfg = mm_config("mmseg", f"knet/{mm_cfg_name}", configs_dir)
+    model_cfg = cfg.model.to_dict()
+    sync_bn_to_bn(model_cfg)
+    model_cfg.pop("pretrained", None)
+    model_cfg["backbone"].pop("init_cfg", None)
+    return build_mm_model("mmseg", model_cfg), cfg

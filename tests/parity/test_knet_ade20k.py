@@ -26,7 +26,7 @@ import zlib
 import pytest
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY
-from parity_utils import build_mm_model, mm_config, perturb_state_dict
+from parity_utils import KNET_ADE20K_ROWS, mmseg_knet_reference, perturb_state_dict
 from torch import nn
 from torch.nn import functional as F
 
@@ -36,44 +36,10 @@ from tools import convert_knet as ck
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(REPO, "projects", "knet", "configs")
 
-#: QuerySeg config -> mmseg 1.2.2 config (configs/knet/)
-ROWS = {
-    "knet_fcn_R50-D8_80k_ade20k.yaml": "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512.py",
-    "knet_pspnet_R50-D8_80k_ade20k.yaml": "knet-s3_r50-d8_pspnet_8xb2-adamw-80k_ade20k-512x512.py",
-    "knet_deeplabv3_R50-D8_80k_ade20k.yaml": (
-        "knet-s3_r50-d8_deeplabv3_8xb2-adamw-80k_ade20k-512x512.py"
-    ),
-    "knet_upernet_R50_80k_ade20k.yaml": "knet-s3_r50-d8_upernet_8xb2-adamw-80k_ade20k-512x512.py",
-    "knet_upernet_SwinT_80k_ade20k.yaml": "knet-s3_swin-t_upernet_8xb2-adamw-80k_ade20k-512x512.py",
-    "knet_upernet_SwinL_80k_ade20k.yaml": "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-512x512.py",
-    "knet_upernet_SwinL_80k_640_ade20k.yaml": (
-        "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-640x640.py"
-    ),
-}
 H, W = 64, 96
 RTOL = 1e-9
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
 STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
-
-
-def _sync_to_bn(node):
-    if isinstance(node, dict):
-        if node.get("type") == "SyncBN":
-            node["type"] = "BN"
-        for v in node.values():
-            _sync_to_bn(v)
-    elif isinstance(node, list):
-        for v in node:
-            _sync_to_bn(v)
-
-
-def _reference(mm_cfg_name: str) -> nn.Module:
-    cfg = mm_config("mmseg", f"knet/{mm_cfg_name}")
-    model_cfg = cfg.model.to_dict()
-    _sync_to_bn(model_cfg)
-    model_cfg.pop("pretrained", None)
-    model_cfg["backbone"].pop("init_cfg", None)
-    return build_mm_model("mmseg", model_cfg)
 
 
 def _ours(config: str) -> nn.Module:
@@ -107,7 +73,7 @@ def _pair(config: str, dtype: torch.dtype):
     """(mmseg model, QuerySeg model) in ``dtype`` with the same perturbed weights."""
     seed = zlib.crc32(config.encode())
     torch.manual_seed(seed)
-    ref = _reference(ROWS[config])
+    ref, _ = mmseg_knet_reference(KNET_ADE20K_ROWS[config])
     original = ref.state_dict()
     state = perturb_state_dict(original, seed=seed)
     for key in state:  # Swin's relative_position_index is an index table, not a weight
@@ -133,7 +99,7 @@ def _ref_stages(ref, x):
     return feats, stages, ref.auxiliary_head(feats)
 
 
-@pytest.mark.parametrize("config", list(ROWS))
+@pytest.mark.parametrize("config", list(KNET_ADE20K_ROWS))
 def test_knet_ade20k_parity(config, mm_refs, parity_table, batch):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample

@@ -13,31 +13,25 @@ from __future__ import annotations
 import pytest
 import torch
 from init_check import init_mismatches
-from parity_utils import build_mm_model, mm_config
+from parity_utils import KNET_ADE20K_ROWS, mmseg_knet_reference
 
 from common.convert.cli import model_from_config
 from tools.convert_knet import convert_knet
 
+#: short name -> QuerySeg config (its mmseg config: parity_utils.KNET_ADE20K_ROWS)
 ROWS = {
-    "fcn": ("knet_fcn_R50-D8_80k_ade20k.yaml",
-            "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512.py"),
-    "pspnet": ("knet_pspnet_R50-D8_80k_ade20k.yaml",
-               "knet-s3_r50-d8_pspnet_8xb2-adamw-80k_ade20k-512x512.py"),
-    "deeplabv3": ("knet_deeplabv3_R50-D8_80k_ade20k.yaml",
-                  "knet-s3_r50-d8_deeplabv3_8xb2-adamw-80k_ade20k-512x512.py"),
-    "upernet": ("knet_upernet_R50_80k_ade20k.yaml",
-                "knet-s3_r50-d8_upernet_8xb2-adamw-80k_ade20k-512x512.py"),
-}  # fmt: skip
+    "fcn": "knet_fcn_R50-D8_80k_ade20k.yaml",
+    "pspnet": "knet_pspnet_R50-D8_80k_ade20k.yaml",
+    "deeplabv3": "knet_deeplabv3_R50-D8_80k_ade20k.yaml",
+    "upernet": "knet_upernet_R50_80k_ade20k.yaml",
+}
 
 
 @pytest.mark.parametrize("row", list(ROWS))
 def test_knet_semantic_init_matches_mmseg(mm_refs, parity_table, row):
-    ours_cfg, ref_cfg = ROWS[row]
-    cfg = mm_config("mmseg", f"knet/{ref_cfg}")
-    cfg.model.pretrained = None  # no ImageNet download
-    cfg.model.backbone.init_cfg = None
+    ours_cfg = ROWS[row]
     torch.manual_seed(0)
-    ref = build_mm_model("mmseg", cfg.model)
+    ref, _ = mmseg_knet_reference(KNET_ADE20K_ROWS[ours_cfg])  # no ImageNet download
     torch.manual_seed(1)
     ours, _ = model_from_config(f"projects/knet/configs/{ours_cfg}")
     ours_state = ours.state_dict()

@@ -101,13 +101,20 @@ class Measurer:
         self._grid_files: list[str] | None = None  # the images of the Visualizer grid
 
     def build_cfg(self, entry: Any, output_dir: str):
-        """The entry's config with its overrides, then the run-wide settings, then ``opts``."""
+        """The entry's config with its overrides, then the run-wide settings, then ``opts``.
+
+        The settings scale some of the row's values (batch and LR, schedule, test size), so those
+        are read from a first, unfinalised merge of the row; the config returned is then merged
+        once with every key. (A second ``merge_config`` on the row's config would finalise with
+        only its own keys explicit and re-derive what the row's YAML set, e.g. Panoptic FPN's
+        ``INPUT.DATASET_MAPPER_NAME "detectron2"`` or an extra ``TEST.EVAL_TASKS`` entry.)
+        """
         from common.engine import get_cfg, merge_config, setup_queryseg
 
         s = self.settings
         setup_queryseg()
-        cfg = get_cfg()
-        merge_config(cfg, entry.path, list(entry.overrides))
+        row = list(entry.overrides)
+        cfg = merge_config(get_cfg(), entry.path, row, finalize=False)  # read below, then dropped
         forced: list[Any] = [
             "SEED",
             s.seed,
@@ -163,10 +170,12 @@ class Measurer:
             if value is not None:
                 forced += [f"DATASETS.SHAPES.{key}", value]
         # the run-wide settings are the tool's, not the user's: the unused-key check skips them
-        merge_config(
-            cfg, None, [str(x) for x in forced] + list(s.opts), tool_keys=map(str, forced[0::2])
+        return merge_config(
+            get_cfg(),
+            entry.path,
+            row + [str(x) for x in forced] + list(s.opts),
+            tool_keys=map(str, forced[0::2]),
         )
-        return cfg
 
     def cost(self, entry: Any) -> tuple[float, float]:
         """Estimated cost of an entry for the ETA: (batch-1 forward passes, cost of one pass).

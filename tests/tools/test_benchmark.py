@@ -130,6 +130,36 @@ def test_quick_schedule_keeps_lr_steps_inside_the_shorter_schedule():
     assert cfg.INPUT.MIN_SIZE_TEST == settings.input_size
 
 
+PANOPTIC_FPN = "common/configs/baselines/panoptic_fpn_R_18_gn_scratch_shapes.yaml"
+
+
+@pytest.mark.parametrize(
+    "config, overrides",
+    [
+        (PANOPTIC_FPN, ()),  # its YAML sets INPUT.DATASET_MAPPER_NAME "detectron2"
+        (MASK_RCNN, ("TEST.EVAL_TASKS", "('segm',)")),  # a row's override of a derived key
+    ],
+    ids=["yaml", "override"],
+)
+def test_build_cfg_keeps_the_derived_keys_a_row_sets(config, overrides):
+    """The run-wide settings must not re-derive keys the row set (a second, separate merge did:
+    finalised with only the settings explicit, it reset the mapper / eval tasks to the task's)."""
+    from common.engine import get_cfg, merge_config
+
+    row = merge_config(get_cfg(), os.path.join(REPO, config), list(overrides))
+    settings = benchmark.settings_for("quick", max_iter=40, ims_per_batch=4)
+    entry = benchmark.Entry("row", config, overrides=overrides)
+    cfg = bench_core.Measurer(settings, "/tmp/unused").build_cfg(entry, "/tmp/unused")
+    assert cfg.INPUT.DATASET_MAPPER_NAME == row.INPUT.DATASET_MAPPER_NAME
+    assert tuple(cfg.TEST.EVAL_TASKS) == tuple(row.TEST.EVAL_TASKS)
+    assert (cfg.MODEL.TASK, cfg.MODEL.NUM_CLASSES) == (row.MODEL.TASK, row.MODEL.NUM_CLASSES)
+    if config == PANOPTIC_FPN:
+        assert cfg.INPUT.DATASET_MAPPER_NAME == "detectron2"
+    else:
+        assert tuple(cfg.TEST.EVAL_TASKS) == ("segm",)
+    assert cfg.SOLVER.MAX_ITER == 40 and cfg.SOLVER.IMS_PER_BATCH == 4  # the settings still win
+
+
 def _read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

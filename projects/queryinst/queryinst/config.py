@@ -62,6 +62,11 @@ def add_queryinst_config(cfg: CN) -> None:
     # "separate": a learnable query set of the mask branch's own (not the detection queries)
     # through its own self-attention + LN per stage.
     q.MASK_QUERY = "shared"
+    # Initialisation of the FPN's lateral and output convs: "xavier_uniform" (mmdet's FPN
+    # ``init_cfg``, the reference's, zero bias) or "c2_xavier" (Detectron2's FPN as it builds
+    # itself: ``c2_xavier_fill``). The `shapes` config trains from scratch with "c2_xavier"
+    # (README, deliberate difference 12).
+    q.FPN_INIT = "xavier_uniform"
     # Matcher cost weights: sigmoid focal class, L1 on normalised xyxy boxes, GIoU.
     q.COST_CLASS = 2.0
     q.COST_L1 = 5.0

@@ -104,7 +104,13 @@ class QueryInst(nn.Module):
         q = cfg.MODEL.QUERYINST
         n_classes = num_classes(cfg)
         backbone = build_backbone(cfg)
-        _xavier_fpn_(backbone)
+        if q.FPN_INIT == "xavier_uniform":
+            _xavier_fpn_(backbone)
+        elif q.FPN_INIT != "c2_xavier":
+            raise ValueError(
+                f"MODEL.QUERYINST.FPN_INIT={q.FPN_INIT!r}: expected 'xavier_uniform' (mmdet's "
+                "FPN init) or 'c2_xavier' (Detectron2's)"
+            )
         roi_head = QueryRoIHead(cfg, backbone.output_shape())
         dim = roi_head.bbox_head[0].in_channels
         focal = {"alpha": q.FOCAL_ALPHA, "gamma": q.FOCAL_GAMMA}

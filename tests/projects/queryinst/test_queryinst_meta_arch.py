@@ -194,3 +194,28 @@ def test_every_yaml_merges_and_builds(path):
     if os.path.basename(path) == "queryinst_R50_FPN_1x_coco.yaml":
         total = sum(p.numel() for p in model.parameters())
         assert 172e6 < total < 173e6, total
+
+
+@pytest.mark.parametrize("fpn_init", ["xavier_uniform", "c2_xavier"])
+def test_fpn_init_switch_sets_the_fpn_convs(fpn_init):
+    # MODEL.QUERYINST.FPN_INIT: mmdet's Xavier-uniform (the reference) or Detectron2's
+    # c2_xavier_fill (the `shapes` config, README deliberate difference 12); biases zero in both
+    from init_check import check_init, kaiming_uniform, xavier_uniform
+
+    model = _build(["MODEL.QUERYINST.FPN_INIT", fpn_init])
+    fpn = model.backbone
+    convs = [*fpn.lateral_convs, *fpn.output_convs]
+    assert convs
+    for i, conv in enumerate(convs):
+        shape = tuple(conv.weight.shape)
+        dists = {"xavier_uniform": xavier_uniform(shape), "c2_xavier": kaiming_uniform(shape, a=1)}
+        other = "c2_xavier" if fpn_init == "xavier_uniform" else "xavier_uniform"
+        assert check_init(f"conv{i}", conv.weight, dists[fpn_init]) is None
+        if shape[0] != shape[1]:  # the two distributions differ where fan_in != fan_out
+            assert check_init(f"conv{i}", conv.weight, dists[other]) is not None
+        assert not conv.bias.any()
+
+
+def test_fpn_init_typo_is_an_error():
+    with pytest.raises(ValueError, match="FPN_INIT='kaiming'"):
+        _build(["MODEL.QUERYINST.FPN_INIT", "kaiming"])

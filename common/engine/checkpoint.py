@@ -146,7 +146,11 @@ class QSCheckpointer(DetectionCheckpointer):
         path = self._loading
         ours = type(self.model).__name__
         theirs = checkpoint.get("meta_architecture")
-        if theirs and theirs != ours and self.strict:
+        # a model may declare which other meta-architectures' checkpoints initialise it and
+        # which of its keys such a checkpoint leaves fresh (e.g. QueryInstVIS from an image
+        # QueryInst, as the paper initialises VIS from COCO): {name: (key prefixes, ...)}
+        fresh_prefixes = getattr(self.model, "initialises_from", {}).get(theirs) if theirs else None
+        if theirs and theirs != ours and self.strict and fresh_prefixes is None:
             raise CheckpointError(
                 f"{path} is a checkpoint of {theirs}, but the config builds {ours} "
                 "(check MODEL.WEIGHTS / --config-file)"
@@ -158,6 +162,13 @@ class QSCheckpointer(DetectionCheckpointer):
             return incompatible
         partial = heuristic or all(k.startswith("backbone.") for k in ckpt_keys)
         missing = list(incompatible.missing_keys)
+        if fresh_prefixes is not None and theirs != ours:
+            fresh = [k for k in missing if k.startswith(tuple(fresh_prefixes))]
+            missing = [k for k in missing if not k.startswith(tuple(fresh_prefixes))]
+            self.logger.info(
+                f"{ours} initialised from a {theirs} checkpoint ({path}); "
+                f"{len(fresh)} tensors under {', '.join(fresh_prefixes)} start fresh"
+            )
         if partial:
             # BatchNorm fills in a missing num_batches_tracked itself: it proves no coverage
             covered = _prefixes(

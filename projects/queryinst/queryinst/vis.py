@@ -151,6 +151,10 @@ class QueryInstVIS(QueryInst):
     pred_masks, track_ids]}]`` at the requested ``height``/``width``.
     """
 
+    #: an image QueryInst checkpoint initialises it (the paper starts VIS from its COCO model);
+    #: the tracking head then starts fresh (``common.engine.checkpoint.QSCheckpointer``)
+    initialises_from = {"QueryInst": ("track_head.",)}
+
     @configurable
     def __init__(
         self,

@@ -151,6 +151,26 @@ def test_strict_loading_refuses_partial_and_wrong_models(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint of Net, but the config builds Other"):
         QSCheckpointer(Other()).load(path)
 
+    # ... unless the model declares that a Net checkpoint initialises it, and which of its
+    # keys such a checkpoint leaves fresh (QueryInstVIS from an image QueryInst)
+    class Extended(Net):
+        initialises_from = {"Net": ("track.",)}
+
+        def __init__(self):
+            super().__init__()
+            self.track = nn.Linear(4, 2)
+
+    ext = Extended()
+    fresh = ext.track.weight.detach().clone()
+    QSCheckpointer(ext).load(path)
+    assert torch.equal(ext.head.weight, src.head.weight)
+    assert torch.equal(ext.track.weight, fresh)
+    # the declared prefixes excuse nothing else: a missing head key still stops the load
+    state = {k: v for k, v in src.state_dict().items() if k != "head.bias"}
+    torch.save({"model": state, "meta_architecture": "Net"}, tmp_path / "net_cut.pth")
+    with pytest.raises(CheckpointError, match=r"(?s)does not provide.*head.bias"):
+        QSCheckpointer(Extended()).load(str(tmp_path / "net_cut.pth"))
+
     # a full-model checkpoint with a missing key
     state = dict(src.state_dict())
     del state["head.bias"]

@@ -1,10 +1,12 @@
-"""QueryInstVIS learns online video instance segmentation on `shapes_vis`: 600 iterations of 4
-clips x 3 frames at 64 px from scratch (the VIS config's schedule) must lower the loss clearly and
-reach a video (mask-tube) AP and AR@10 above the untrained model's, with identity switches
-counted (score >= 0.3) by the YouTube-VIS evaluator. Measured (seed 42, 2 threads, under the
-shared lock, 12.2 min wall): untrained AP 0.0 / AR@10 0.0; trained AP 4.1, AP50 9.2, AP75 2.0,
-AR@1 9.6, AR@10 12.5, 0 identity switches in the 2 ground-truth frames matched at score >= 0.3
-(none at >= 0.5). The thresholds sit at about half of that."""
+"""QueryInstVIS learns online video instance segmentation on `shapes_vis`, initialised as the
+paper initialises its VIS model (from the image model: COCO there, `shapes` here): an image
+QueryInst trained as a quick-schedule row at the clips' 64 px (600 x 8 images), then the VIS
+config's 600 iterations of 4 clips x 3 frames from it (the tracking head fresh). The video
+(mask-tube) AP and AR@10 must be well above the untrained model's, with identity switches counted
+(score >= 0.3) by the YouTube-VIS evaluator. Measured (seed 42, one thread, ~17 min on an idle
+2-core CPU): image model box / mask AP 12.9 / 10.6 at 64 px; untrained VIS AP 0.0 / AR@10 0.0;
+trained AP 20.0, AP50 41.6, AP75 15.1, AR@1 33.0, AR@10 40.0, 0 identity switches in 15 matched
+ground-truth frames. From scratch instead (the same VIS schedule): AP 5.2, AR@10 14.5."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import os
 
 import pytest
 import torch
-from learning import loss_fell, train_and_evaluate
+from learning import loss_fell, quick_schedule, train_and_evaluate
 
 from common.engine import Trainer, get_cfg, merge_config
 
@@ -36,14 +38,32 @@ def _untrained_results(output_dir: str) -> dict:
     return Trainer.test(cfg, model)
 
 
+IMAGE_CONFIG = "projects/queryinst/configs/shapes/queryinst_R18_FPN_shapes.yaml"
+#: the image model: a quick-schedule row at the clips' 64 px (README, "Video instance segmentation")
+IMAGE_64PX = [
+    *quick_schedule(600),
+    "DATASETS.SHAPES.IMAGE_SIZE", "64",
+    "INPUT.MIN_SIZE_TRAIN", "(56, 64, 72)",
+    "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "128",
+]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_queryinst_vis_learns_on_shapes_vis(tmp_path):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     before = _untrained_results(str(tmp_path / "untrained"))["video_segm"]
-    losses, results = train_and_evaluate(CONFIG, [], str(tmp_path / "trained"), threads=2)
+    _, image = train_and_evaluate(IMAGE_CONFIG, IMAGE_64PX, str(tmp_path / "image"), threads=1)
+    assert image["segm"]["AP"] > 5.0, image["segm"]
+    weights = str(tmp_path / "image" / "model_final.pth")
+    overrides = ["MODEL.WEIGHTS", weights, "SOLVER.CHECKPOINT_PERIOD", "100000",
+                 "DATALOADER.NUM_WORKERS", "0"]  # fmt: skip
+    losses, results = train_and_evaluate(CONFIG, overrides, str(tmp_path / "trained"), threads=1)
     after = results["video_segm"]
     assert loss_fell(losses, 0.7), losses
     assert before["AP"] < 1.0 and before["AR10"] < 1.0, before
-    assert after["AP"] > 2.0 and after["AP"] > before["AP"] + 2.0, (before, after)
-    assert after["AR10"] > 6.0, after
+    assert after["AP"] > 10.0 and after["AP"] > before["AP"] + 10.0, (before, after)
+    assert after["AR10"] > 20.0, after
+    assert after["IDSW_frames"] >= 5, after  # enough matches for the count to mean something
     assert after["IDSW"] <= max(1, after["IDSW_frames"] // 4), after  # switches stay rare

@@ -99,6 +99,7 @@ class Measurer:
         self.datasets: set[str] = set()
         self._latency_image: str | None = None
         self._grid_files: list[str] | None = None  # the images of the Visualizer grid
+        self._backbones: dict[tuple, str] = {}  # (config, overrides, size) -> pre-trained file
 
     def build_cfg(self, entry: Any, output_dir: str):
         """The entry's config with its overrides, then the run-wide settings, then ``opts``.
@@ -170,12 +171,54 @@ class Measurer:
             if value is not None:
                 forced += [f"DATASETS.SHAPES.{key}", value]
         # the run-wide settings are the tool's, not the user's: the unused-key check skips them
-        return merge_config(
+        merged = merge_config(
             get_cfg(),
             entry.path,
             row + [str(x) for x in forced] + list(s.opts),
             tool_keys=map(str, forced[0::2]),
         )
+        if getattr(s, "backbone", "scratch") == "shapes" and entry.weights is None:
+            if "MODEL.WEIGHTS" in list(s.opts)[0::2]:
+                raise ValueError(
+                    "MODEL.WEIGHTS is set for every row and the settings ask for the shapes-"
+                    "pre-trained backbone (--backbone shapes): choose one"
+                )
+            frozen = merged.is_frozen()
+            merged.defrost()
+            merged.MODEL.WEIGHTS = self.pretrained_backbone(entry, merged)
+            if frozen:
+                merged.freeze()
+        return merged
+
+    def pretrained_backbone(self, entry: Any, row_cfg) -> str:
+        """The `shapes`-pre-trained backbone file for ``entry`` (keys under its model's own
+        bottom-up prefix), after checking that it initialises exactly that network: every key,
+        every shape. Pre-trains it first when it is not cached yet (in this process)."""
+        from tools.pretrain_shapes_backbone import benchmark_backbone, bottom_up
+
+        size = self.settings.image_size or row_cfg.DATASETS.SHAPES.IMAGE_SIZE
+        key = (entry.path, tuple(entry.overrides), size)
+        if key not in self._backbones:
+            from detectron2.modeling import build_model
+
+            from common.convert.core import load_checkpoint_file
+
+            cfg = row_cfg.clone()
+            cfg.defrost()
+            cfg.MODEL.DEVICE = "cpu"
+            with torch.random.fork_rng():  # the rows' RNG state is the benchmark's to set
+                net, prefix = bottom_up(build_model(cfg))
+            path = benchmark_backbone(size, prefix)
+            theirs = {k: tuple(v.shape) for k, v in load_checkpoint_file(path)["model"].items()}
+            ours = {prefix + k: tuple(v.shape) for k, v in net.state_dict().items()}
+            if theirs != ours:
+                diff = sorted(set(theirs.items()) ^ set(ours.items()))[:5]
+                raise ValueError(
+                    f"{entry.name}: its backbone ({entry.config}) is not the R18-GN that "
+                    f"--backbone shapes pre-trains ({path}); first differences (key, shape): {diff}"
+                )
+            self._backbones[key] = path
+        return self._backbones[key]
 
     def cost(self, entry: Any) -> tuple[float, float]:
         """Estimated cost of an entry for the ETA: (batch-1 forward passes, cost of one pass).
@@ -365,6 +408,20 @@ class Measurer:
                 else str(s.seed)
             ),
             "loader": f"{s.ims_per_batch} images/batch, {s.num_workers} workers",
+            "init": (
+                "R18-GN backbone pre-trained once on shapes crops ("
+                + (
+                    ", ".join(
+                        sorted(
+                            {os.path.basename(os.path.dirname(p)) for p in self._backbones.values()}
+                        )
+                    )
+                    or "?"
+                )
+                + "), the rest from scratch"
+                if getattr(s, "backbone", "scratch") == "shapes"
+                else "from scratch"
+            ),
             "schedule": sched,
             "dataset": "; ".join(sorted(self.datasets)) or "?",
             "train_sizes": " | ".join(sorted(self.train_sizes)) or "?",

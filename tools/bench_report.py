@@ -104,7 +104,8 @@ def render_markdown(
         f"**Device** {h['device']} · torch {h['torch']} · {h['threads']} threads · "
         f"{h['date']} · whole run {h['elapsed']}",
         "",
-        f"**Same for every row:** seed {h['seed']} · loader {h['loader']} · schedule "
+        f"**Same for every row:** seed {h['seed']} · init {h.get('init', '?')} · loader "
+        f"{h['loader']} · schedule "
         f"{h['schedule']} · data {h['dataset']} · train short sides {h['train_sizes']} · "
         f"test/latency/GFLOPs input {h['input']}",
         "",

@@ -19,9 +19,11 @@ def test_schedule_opts_come_before_the_callers():
     s = benchmark.settings_for("cpu", opts=("INPUT.MIN_SIZE_TRAIN", "(96,)"))
     assert s.opts[:2] == ("INPUT.MIN_SIZE_TRAIN", "(80, 88, 96, 104, 112)")  # the schedule's
     assert s.opts[-2:] == ("INPUT.MIN_SIZE_TRAIN", "(96,)")  # the caller's, applied last
-    assert (s.image_size, s.max_iter, s.input_size, s.seeds) == (96, 1200, 96, (1, 2, 3))
+    assert (s.image_size, s.max_iter, s.input_size, s.seeds) == (96, 600, 96, (1, 2, 3))
+    assert s.backbone == "shapes" and s.rows == benchmark.QUICK_ROWS
     q = benchmark.settings_for("quick")
     assert q.preset == "standard" and q.jobs == 2 and len(q.rows) == 7
+    assert q.backbone == "scratch"
 
 
 def test_weights_without_config_map_onto_the_default_entries():

@@ -70,3 +70,73 @@ def test_crop_classifier_learns_the_shapes(tmp_path):
     stats = pretrain(KNET, str(tmp_path / "b.pth"), SMALL)
     assert stats["num_classes"] == 5
     assert stats["val_acc"] > 0.6, stats
+
+
+@pytest.fixture
+def tiny_benchmark_pretrain(monkeypatch):
+    """BENCHMARK_PRETRAIN at a size a test can afford (the keys, and so the cache name, stay)."""
+    from tools import pretrain_shapes_backbone as psb
+
+    small = {**psb.BENCHMARK_PRETRAIN, "num_images": 4, "iters": 2, "batch": 4, "crop": 16}
+    monkeypatch.setattr(psb, "BENCHMARK_PRETRAIN", small)
+    calls = []
+    real = psb.pretrain
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(psb, "pretrain", counted)
+    return calls
+
+
+def test_benchmark_backbone_starts_every_quick_row_from_the_same_weights(
+    tmp_path, tiny_benchmark_pretrain
+):
+    """--backbone shapes: pre-trained once (cached), every row's MODEL.WEIGHTS initialises its
+    bottom-up network exactly (strict load) with the same tensors, whatever its key prefix."""
+    from tools import bench_core, benchmark
+
+    settings = benchmark.settings_for(
+        "quick", backbone="shapes", image_size=64, num_train=4, num_val=2
+    )
+    measurer = bench_core.Measurer(settings, str(tmp_path / "out"))
+    entries = benchmark.schedule_rows(benchmark.DEFAULT_ENTRIES, settings)[0]
+    reference = None
+    for entry in entries:
+        cfg = measurer.build_cfg(entry, str(tmp_path / "out" / "row"))
+        weights = cfg.MODEL.WEIGHTS
+        assert weights.startswith(str(tmp_path / "datasets" / "shapes" / "pretrained")), weights
+        model, _ = model_from_config(entry.path, ["DATASETS.SHAPES.IMAGE_SIZE", "64"])
+        QSCheckpointer(model, strict=True).load(weights)
+        from tools.pretrain_shapes_backbone import bottom_up
+
+        net, _ = bottom_up(model)
+        state = net.state_dict()
+        if reference is None:
+            reference = state
+        assert state.keys() == reference.keys(), entry.name
+        assert all(torch.equal(state[k], reference[k]) for k in state), entry.name
+    assert len(tiny_benchmark_pretrain) == 1  # pre-trained once for all rows
+    header = measurer.header(0.0)
+    assert header["init"].startswith(
+        "R18-GN backbone pre-trained once on shapes crops (R18-GN_standard"
+    )
+    assert "init R18-GN" in benchmark.render_markdown([], header, title="t")
+
+
+def test_benchmark_backbone_refuses_a_row_with_another_backbone(tmp_path, tiny_benchmark_pretrain):
+    from tools import bench_core, benchmark
+
+    settings = benchmark.settings_for("quick", backbone="shapes", image_size=64)
+    entry = benchmark.Entry("K-Net R50", KNET, overrides=("MODEL.RESNETS.DEPTH", "50"))
+    measurer = bench_core.Measurer(settings, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="K-Net R50: its backbone .* is not the R18-GN"):
+        measurer.build_cfg(entry, str(tmp_path / "out" / "row"))
+    clash = benchmark.settings_for(
+        "quick", backbone="shapes", image_size=64, opts=("MODEL.WEIGHTS", "x.pth")
+    )
+    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS .*\(--backbone shapes\)"):
+        bench_core.Measurer(clash, str(tmp_path / "out")).build_cfg(entry, str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="backbone 'imagenet'"):
+        benchmark.settings_for("quick", backbone="imagenet")

@@ -194,7 +194,10 @@ class Measurer:
         """The `shapes`-pre-trained backbone file for ``entry`` (keys under its model's own
         bottom-up prefix), after checking that it initialises exactly that network: every key,
         every shape. Pre-trains it first when it is not cached yet (in this process)."""
-        from tools.pretrain_shapes_backbone import benchmark_backbone, bottom_up
+        if __package__:  # tools.bench_core (tests); as a script's import, tools/ is on sys.path
+            from .pretrain_shapes_backbone import benchmark_backbone, bottom_up
+        else:
+            from pretrain_shapes_backbone import benchmark_backbone, bottom_up
 
         size = self.settings.image_size or row_cfg.DATASETS.SHAPES.IMAGE_SIZE
         key = (entry.path, tuple(entry.overrides), size)

@@ -177,7 +177,7 @@ class Measurer:
             row + [str(x) for x in forced] + list(s.opts),
             tool_keys=map(str, forced[0::2]),
         )
-        if getattr(s, "backbone", "scratch") == "shapes" and entry.weights is None:
+        if s.backbone == "shapes" and entry.weights is None:
             if "MODEL.WEIGHTS" in list(s.opts)[0::2]:
                 raise ValueError(
                     "MODEL.WEIGHTS is set for every row and the settings ask for the shapes-"
@@ -392,6 +392,9 @@ class Measurer:
         """The run-wide settings, as stated in the table header and the CSV."""
         s = self.settings
         iters = sorted(set(self.iters.values()))
+        # the cache folders of the pre-trained backbone(s) the rows loaded (their settings)
+        pretrained = ", ".join(sorted({os.path.basename(os.path.dirname(p))
+                                       for p in self._backbones.values()}))  # fmt: skip
         if s.max_iter:
             sched = f"{s.schedule}: {s.max_iter} iterations for every row"
         else:
@@ -412,17 +415,9 @@ class Measurer:
             ),
             "loader": f"{s.ims_per_batch} images/batch, {s.num_workers} workers",
             "init": (
-                "R18-GN backbone pre-trained once on shapes crops ("
-                + (
-                    ", ".join(
-                        sorted(
-                            {os.path.basename(os.path.dirname(p)) for p in self._backbones.values()}
-                        )
-                    )
-                    or "?"
-                )
-                + "), the rest from scratch"
-                if getattr(s, "backbone", "scratch") == "shapes"
+                f"R18-GN backbone pre-trained once on shapes crops ({pretrained or '?'}), "
+                "the rest from scratch"
+                if s.backbone == "shapes"
                 else "from scratch"
             ),
             "schedule": sched,

@@ -206,10 +206,6 @@ BENCHMARK_PRETRAIN: dict = {
 }
 
 
-def _datasets_root() -> str:
-    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-
-
 def benchmark_backbone_key(image_size: int) -> str:
     """The cache name of :data:`BENCHMARK_PRETRAIN` at ``image_size`` (every setting in it)."""
     p = BENCHMARK_PRETRAIN
@@ -226,8 +222,10 @@ def benchmark_backbone(image_size: int, prefix: str) -> str:
     Cached under ``$DETECTRON2_DATASETS/shapes/pretrained/<key>/<prefix>pth``. Call it from one
     process at a time (the benchmark does so before its training workers start).
     """
+    from common.data.validation import datasets_root
+
     folder = os.path.join(
-        _datasets_root(), "shapes", "pretrained", benchmark_backbone_key(image_size)
+        datasets_root(), "shapes", "pretrained", benchmark_backbone_key(image_size)
     )
     path = os.path.join(folder, f"{prefix}pth")
     if os.path.isfile(path):
@@ -251,7 +249,9 @@ def benchmark_backbone(image_size: int, prefix: str) -> str:
     if path == canonical:
         return path
     state = load_checkpoint_file(canonical)["model"]
-    old = "backbone.bottom_up."
+    old = "backbone.bottom_up."  # BENCHMARK_PRETRAIN's config is an FPN model
+    if not all(k.startswith(old) for k in state):
+        raise ValueError(f"{canonical}: expected every key under {old!r} (BENCHMARK_PRETRAIN)")
     rekeyed = {prefix + k[len(old) :]: v for k, v in state.items()}
     save_converted(rekeyed, ConversionReport(), path, canonical)
     return path

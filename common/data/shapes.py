@@ -62,6 +62,7 @@ from detectron2.data.datasets import (
 
 from . import shapes_gen as gen
 from . import shapes_vis
+from .validation import datasets_root
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +356,7 @@ def register_shapes(
         the ShapesSpec (``.dataset_dir`` is the folder holding the files).
     """
     if root is None:
-        root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+        root = datasets_root()
     spec = ShapesSpec(os.path.abspath(root), image_size, num_train, num_val, seed, preset)
     for split in SPLITS:
         image_root = spec.path(split, "image_root")
@@ -459,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", default=gen.DEFAULT_PRESET, choices=sorted(gen.PRESETS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    root = args.root or os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+    root = args.root or datasets_root()
     spec = ShapesSpec(
         os.path.abspath(root), args.image_size, args.num_train, args.num_val, args.seed, args.preset
     )

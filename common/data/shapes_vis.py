@@ -40,6 +40,7 @@ import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from . import shapes_gen as gen
+from .validation import datasets_root
 from .ytvis import load_ytvis_json
 
 logger = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ def register_shapes_vis(
         num_frames: frames per clip; seed: base seed; preset: a ``shapes_gen.PRESETS`` name.
     """
     if root is None:
-        root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+        root = datasets_root()
     spec = ShapesVisSpec(
         os.path.abspath(root), image_size, num_train, num_val, num_frames, seed, preset
     )

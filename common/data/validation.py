@@ -170,8 +170,11 @@ def _validate_records(name: str, dicts: list[dict], need_masks: bool) -> None:
             )
 
 
-def _datasets_root() -> str:
-    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+def datasets_root() -> str:
+    """The datasets folder, absolute: ``$DETECTRON2_DATASETS``, or ``./datasets`` (Detectron2's
+    convention). Every generated or registered dataset and the benchmark's cached backbone live
+    under it."""
+    return os.path.abspath(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))
 
 
 def check_dataset_files(names: list[str] | tuple[str, ...]) -> None:
@@ -195,7 +198,7 @@ def check_dataset_files(names: list[str] | tuple[str, ...]) -> None:
                 )
                 raise FileNotFoundError(
                     f"dataset {name}: {field} {path} does not exist (DETECTRON2_DATASETS="
-                    f"{_datasets_root()}); {hint}"
+                    f"{datasets_root()}); {hint}"
                 )
 
 

@@ -27,6 +27,8 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from .validation import datasets_root
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -189,4 +191,4 @@ def register_all_ytvis_2019(root: str) -> None:
 
 
 if __name__.endswith(".ytvis"):  # as detectron2's builtin.py: registered on import
-    register_all_ytvis_2019(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))
+    register_all_ytvis_2019(datasets_root())

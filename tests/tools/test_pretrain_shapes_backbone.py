@@ -15,7 +15,7 @@ from common.engine.checkpoint import QSCheckpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.pretrain_shapes_backbone import object_crops, pretrain  # noqa: E402
+from tools.pretrain_shapes_backbone import bottom_up, object_crops, pretrain  # noqa: E402
 
 KNET = os.path.join(REPO, "projects/knet/configs/shapes/knet_R18_shapes_instance.yaml")
 QUERYINST = os.path.join(REPO, "projects/queryinst/configs/shapes/queryinst_R18_FPN_shapes.yaml")
@@ -91,11 +91,15 @@ def tiny_benchmark_pretrain(monkeypatch):
 
 
 def test_benchmark_backbone_starts_every_quick_row_from_the_same_weights(
-    tmp_path, tiny_benchmark_pretrain
+    tmp_path, tiny_benchmark_pretrain, monkeypatch
 ):
     """--backbone shapes: pre-trained once (cached), every row's MODEL.WEIGHTS initialises its
-    bottom-up network exactly (strict load) with the same tensors, whatever its key prefix."""
+    bottom-up network exactly (strict load) with the same tensors, whatever its key prefix; the
+    path is absolute (a relative $DETECTRON2_DATASETS resolved where the benchmark started)."""
     from tools import bench_core, benchmark
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DETECTRON2_DATASETS", "datasets")
 
     settings = benchmark.settings_for(
         "quick", backbone="shapes", image_size=64, num_train=4, num_val=2
@@ -106,11 +110,10 @@ def test_benchmark_backbone_starts_every_quick_row_from_the_same_weights(
     for entry in entries:
         cfg = measurer.build_cfg(entry, str(tmp_path / "out" / "row"))
         weights = cfg.MODEL.WEIGHTS
+        assert os.path.isabs(weights), weights
         assert weights.startswith(str(tmp_path / "datasets" / "shapes" / "pretrained")), weights
         model, _ = model_from_config(entry.path, ["DATASETS.SHAPES.IMAGE_SIZE", "64"])
         QSCheckpointer(model, strict=True).load(weights)
-        from tools.pretrain_shapes_backbone import bottom_up
-
         net, _ = bottom_up(model)
         state = net.state_dict()
         if reference is None:
